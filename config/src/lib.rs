@@ -1,0 +1,1 @@
+//! Switchyard deployment and routing-policy files (filled by the gateway issue).

@@ -1,0 +1,1 @@
+//! Switchyard gateway (filled by the gateway issue).
