@@ -1,0 +1,326 @@
+//! The tonic `GRPCInferenceService`: health, metadata, config, inference, statistics and
+//! repository control, with Triton's semantics.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use switchyard_proto::inference::{
+    self as pb, grpc_inference_service_server::GrpcInferenceService,
+    model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use crate::error::BackendError;
+use crate::repository::{ModelState, Repository, ServingVersion};
+use crate::request;
+use crate::scheduler::Job;
+use crate::spec::TensorSpec;
+
+/// Extensions of the KServe v2 protocol this server implements (ServerMetadata).
+const EXTENSIONS: [&str; 5] = [
+    "model_repository",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+    "parameters",
+];
+
+/// The gRPC service over a model repository.
+#[derive(Debug, Clone)]
+pub(crate) struct InferenceService {
+    pub(crate) repo: Arc<Repository>,
+    /// False until the repository is loaded and again once shutdown starts.
+    pub(crate) ready: Arc<AtomicBool>,
+}
+
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send + 'static>>;
+
+impl InferenceService {
+    async fn infer(
+        &self,
+        mut req: pb::ModelInferRequest,
+    ) -> Result<pb::ModelInferResponse, BackendError> {
+        let start = Instant::now();
+        let version = self.repo.resolve(&req.model_name, &req.model_version)?;
+        let result = run(&version, &mut req, start).await;
+        match &result {
+            Ok(_) => {
+                debug!(model = %version.spec.name, version = version.version, "inference done")
+            }
+            Err(err) => {
+                version.stats.record_failure(start.elapsed());
+                debug!(model = %version.spec.name, version = version.version, %err, "inference failed");
+            }
+        }
+        result
+    }
+}
+
+async fn run(
+    version: &ServingVersion,
+    req: &mut pb::ModelInferRequest,
+    start: Instant,
+) -> Result<pb::ModelInferResponse, BackendError> {
+    let spec = &version.spec;
+    let prepared = request::prepare(spec, req)?;
+    let (reply, done) = oneshot::channel();
+    let job = Job {
+        rows: prepared.rows,
+        inputs: prepared.inputs,
+        shapes: prepared.shapes,
+        enqueued: Instant::now(),
+        deadline: prepared.timeout.map(|t| start + t),
+        reply,
+    };
+    if version.scheduler.submit(job).is_err() {
+        return Err(BackendError::QueueFull {
+            model: spec.name.clone(),
+            version: version.version,
+            limit: version.scheduler.max_queue_size(),
+        });
+    }
+    let output = done.await.map_err(|_| BackendError::Unloaded {
+        model: spec.name.clone(),
+        version: version.version,
+    })??;
+    let mut outputs = Vec::with_capacity(prepared.outputs.len());
+    let mut raw = Vec::with_capacity(prepared.outputs.len());
+    for &k in &prepared.outputs {
+        let tensor = &output.outputs[k];
+        outputs.push(InferOutputTensor {
+            name: spec.outputs[k].name.clone(),
+            datatype: tensor.element.as_str().to_owned(),
+            shape: tensor.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        });
+        raw.push(tensor.data.clone());
+    }
+    version
+        .stats
+        .record_success(prepared.rows, start.elapsed(), output.queue, output.exec);
+    Ok(pb::ModelInferResponse {
+        model_name: spec.name.clone(),
+        model_version: version.version.to_string(),
+        id: std::mem::take(&mut req.id),
+        outputs,
+        raw_output_contents: raw,
+        ..Default::default()
+    })
+}
+
+fn tensor_metadata(tensors: &[TensorSpec], batched: bool) -> Vec<TensorMetadata> {
+    tensors
+        .iter()
+        .map(|t| TensorMetadata {
+            name: t.name.clone(),
+            datatype: t.element.as_str().to_owned(),
+            shape: batched
+                .then_some(-1)
+                .into_iter()
+                .chain(t.dims.iter().copied())
+                .collect(),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.ready.load(Ordering::Acquire),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let req = req.into_inner();
+        let ready = self.repo.resolve(&req.name, &req.version).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "switchyard".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let req = req.into_inner();
+        let version = self.repo.resolve(&req.name, &req.version)?;
+        let spec = &version.spec;
+        let versions = match self.repo.catalog().models.get(&req.name) {
+            Some(ModelState::Loaded { versions, .. }) => versions
+                .iter()
+                .filter(|(_, s)| s.serving.is_some())
+                .map(|(v, _)| v.to_string())
+                .collect(),
+            _ => vec![version.version.to_string()],
+        };
+        let batched = spec.max_batch_size > 0;
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: spec.name.clone(),
+            versions,
+            platform: spec.config.platform.clone(),
+            inputs: tensor_metadata(&spec.inputs, batched),
+            outputs: tensor_metadata(&spec.outputs, batched),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        Ok(Response::new(self.infer(req.into_inner()).await?))
+    }
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(next) = inbound.next().await {
+                let Ok(request) = next else { break };
+                let service = service.clone();
+                let tx = tx.clone();
+                // Requests on one stream run concurrently and answer as they finish,
+                // each carrying its `id`, as Triton's streaming endpoint does.
+                tokio::spawn(async move {
+                    let id = request.id.clone();
+                    let response = match service.infer(request).await {
+                        Ok(r) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(r),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(pb::ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    let _ = tx.send(Ok(response)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let req = req.into_inner();
+        let version = self.repo.resolve(&req.name, &req.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(version.spec.config.clone()),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let req = req.into_inner();
+        let catalog = self.repo.catalog();
+        let mut names: Vec<&String> = catalog
+            .models
+            .keys()
+            .filter(|n| req.name.is_empty() || **n == req.name)
+            .collect();
+        names.sort();
+        if !req.name.is_empty() && names.is_empty() {
+            return Err(BackendError::ModelNotFound { model: req.name }.into());
+        }
+        let mut model_stats = Vec::new();
+        for name in names {
+            if let ModelState::Loaded { versions, .. } = &catalog.models[name] {
+                for (v, slot) in versions {
+                    if !req.version.is_empty() && req.version != v.to_string() {
+                        continue;
+                    }
+                    if let Some(serving) = &slot.serving {
+                        model_stats.push(serving.stats.snapshot());
+                    }
+                }
+            }
+        }
+        if !req.name.is_empty() && model_stats.is_empty() {
+            return Err(BackendError::ModelNotReady {
+                model: req.name,
+                reason: "no ready version matches".to_owned(),
+            }
+            .into());
+        }
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let models = self
+            .repo
+            .index(req.into_inner().ready)
+            .into_iter()
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state.to_owned(),
+                reason: e.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let req = req.into_inner();
+        if let Some(key) = req.parameters.keys().next() {
+            return Err(Status::invalid_argument(format!(
+                "load parameter '{key}' is not supported; edit the model folder and load again"
+            )));
+        }
+        self.repo.load(&req.model_name).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.repo.unload(&req.into_inner().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Train the sample digit classifiers and write them as a Triton-style model repository.
+
+Data: the handwritten-digits set that ships inside scikit-learn (8x8 images, 1797 samples).
+Every model takes `INPUT__0` FP32 [-1, 64] with raw pixel values 0..16 (the scaling to 0..1
+is inside the graph) and returns `probabilities` FP32 [-1, 10] (a softmax).
+
+The ONNX graphs are written by hand from the trained weights with standard ai.onnx operators
+only (Mul, MatMul, Add, Relu, Softmax), so any ONNX runtime (tract, ONNX Runtime, Triton)
+loads them; skl2onnx would emit ai.onnx.ml operators that tract does not implement.
+
+Writes, relative to the repository root:
+  backends/model_repository/<model>/config.pbtxt, <model>/<version>/model.onnx, SHA256SUMS
+  backends/sample_data/digits_holdout.json  (held-out features, labels, reference outputs)
+
+Run: backends/train/train.sh   (creates a venv from requirements.txt and runs this script)
+"""
+
+import hashlib
+import json
+import pathlib
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO = ROOT / "backends" / "model_repository"
+DATA = ROOT / "backends" / "sample_data"
+SEED = 20261126
+OPSET = 13
+IR_VERSION = 8  # tract and ONNX Runtime both read IR 8; newer onnx defaults may be ahead of them
+
+
+def graph_from_layers(name, layers):
+    """An ONNX graph: x/16, then (MatMul, Add, Relu)* and a final MatMul, Add, Softmax."""
+    nodes = [helper.make_node("Mul", ["INPUT__0", "scale"], ["h0"], name="rescale")]
+    inits = [numpy_helper.from_array(np.array([1.0 / 16.0], dtype=np.float32), "scale")]
+    current = "h0"
+    for i, (w, b) in enumerate(layers):
+        last = i == len(layers) - 1
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"W{i}"))
+        inits.append(numpy_helper.from_array(b.astype(np.float32), f"B{i}"))
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"mm{i}"], name=f"matmul{i}"))
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"B{i}"], [f"z{i}"], name=f"add{i}"))
+        if last:
+            nodes.append(helper.make_node("Softmax", [f"z{i}"], ["probabilities"], axis=1, name="softmax"))
+        else:
+            nodes.append(helper.make_node("Relu", [f"z{i}"], [f"a{i}"], name=f"relu{i}"))
+            current = f"a{i}"
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("INPUT__0", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="switchyard-train")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def config_pbtxt(name, version_policy):
+    return f"""# {name}: digit classifier trained by backends/train/train_digits.py.
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+{version_policy}input [
+  {{
+    name: "INPUT__0"
+    data_type: TYPE_FP32
+    dims: [ 64 ]
+  }}
+]
+output [
+  {{
+    name: "probabilities"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }}
+]
+dynamic_batching {{
+  preferred_batch_size: [ 16, 32 ]
+  max_queue_delay_microseconds: 500
+  default_queue_policy {{
+    max_queue_size: 1024
+  }}
+}}
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+"""
+
+
+def write_version(model_dir, version, model):
+    vdir = model_dir / str(version)
+    vdir.mkdir(parents=True, exist_ok=True)
+    path = vdir / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # sha256sum's own format, so `sha256sum -c SHA256SUMS` checks it too.
+    (vdir / "SHA256SUMS").write_text(f"{digest}  model.onnx\n")
+    return path
+
+
+def run_onnx(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["probabilities"], {"INPUT__0": x})[0]
+
+
+def main():
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=SEED, stratify=y)
+    s_train = x_train / 16.0
+
+    linear = LogisticRegression(C=0.05, max_iter=2000)
+    linear.fit(s_train, y_train)
+    # v1: one small hidden layer, few epochs, strong regularisation (a quick baseline).
+    mlp1 = MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, max_iter=60, random_state=SEED)
+    mlp1.fit(s_train, y_train)
+    # v2: two wider layers trained to convergence (the candidate).
+    mlp2 = MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-4, max_iter=400, random_state=SEED + 1)
+    mlp2.fit(s_train, y_train)
+
+    def mlp_layers(m):
+        return list(zip(m.coefs_, m.intercepts_))
+
+    models = {
+        ("digits_linear", 1): graph_from_layers("digits_linear", [(linear.coef_.T, linear.intercept_)]),
+        ("digits_mlp", 1): graph_from_layers("digits_mlp_v1", mlp_layers(mlp1)),
+        ("digits_mlp", 2): graph_from_layers("digits_mlp_v2", mlp_layers(mlp2)),
+    }
+    policies = {"digits_linear": "", "digits_mlp": "version_policy: { all {} }\n"}
+
+    holdout = {
+        "description": "Held-out split of sklearn load_digits (20%, stratified, seed "
+        f"{SEED}); reference probabilities from ONNX Runtime on the committed models",
+        "features": [[float(v) for v in row] for row in x_test],
+        "labels": [int(v) for v in y_test],
+        "models": {},
+    }
+    for name, policy in policies.items():
+        (REPO / name).mkdir(parents=True, exist_ok=True)
+        (REPO / name / "config.pbtxt").write_text(config_pbtxt(name, policy))
+    for (name, version), model in models.items():
+        path = write_version(REPO / name, version, model)
+        probs = run_onnx(path, x_test)
+        # The sklearn model and the hand-built graph must agree, or the export is wrong.
+        sk = {("digits_linear", 1): linear, ("digits_mlp", 1): mlp1, ("digits_mlp", 2): mlp2}[(name, version)]
+        sk_probs = sk.predict_proba(x_test / 16.0)
+        assert np.abs(sk_probs - probs).max() < 1e-4, f"{name} v{version}: ONNX export disagrees with sklearn"
+        accuracy = float((probs.argmax(axis=1) == y_test).mean())
+        holdout["models"][f"{name}/{version}"] = {
+            "accuracy": accuracy,
+            "probabilities": [[float(v) for v in row] for row in probs],
+        }
+        print(f"{name} v{version}: held-out accuracy {accuracy:.4f} ({int(round(accuracy * len(y_test)))}/{len(y_test)})")
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    (DATA / "digits_holdout.json").write_text(json.dumps(holdout, separators=(",", ":")) + "\n")
+
+
+if __name__ == "__main__":
+    main()
