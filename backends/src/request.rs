@@ -144,13 +144,13 @@ pub(crate) fn prepare(
             }
             bytes
         };
-        if element == ElementType::Bool {
-            if let Some(at) = bytes.iter().position(|&b| b > 1) {
-                return Err(invalid(format!(
-                    "input '{name}': BOOL elements are bytes 0 or 1, element {at} is {}",
-                    bytes[at]
-                )));
-            }
+        if element == ElementType::Bool
+            && let Some(at) = bytes.iter().position(|&b| b > 1)
+        {
+            return Err(invalid(format!(
+                "input '{name}': BOOL elements are bytes 0 or 1, element {at} is {}",
+                bytes[at]
+            )));
         }
         inputs.push(bytes);
         shapes.push(shape);

@@ -1,9 +1,10 @@
 //! The dynamic batcher and the model instances, with Triton's scheduling semantics, on
 //! dedicated OS threads so that inference never runs on a tokio worker.
 //!
-//! Per model version there is one batcher thread and one thread per instance
-//! (`instance_group.count`). Requests wait in the version's queue. When an instance is
-//! idle, the batcher forms the next batch from the queue:
+//! Per model version there is one thread per instance (`instance_group.count`) and one
+//! batcher token. Requests wait in the version's queue. An idle instance takes the token,
+//! forms the next batch from the queue, passes the token on and runs the batch, so a
+//! request crosses one thread boundary each way. Batches follow Triton's rules:
 //! * without `dynamic_batching`, a batch is one request;
 //! * with it, requests with the same non-batch shapes are merged, up to `max_batch_size`
 //!   rows. The batch leaves at once when it reaches the maximum, or when the queued
@@ -66,7 +67,7 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the batcher and one thread per instance.
+    /// Starts one thread per instance.
     pub(crate) fn start(
         spec: Arc<ModelSpec>,
         version: u64,
@@ -75,22 +76,9 @@ impl Scheduler {
     ) -> std::io::Result<Self> {
         let (queue, jobs) = crossbeam_channel::unbounded();
         let depth = Arc::new(AtomicUsize::new(0));
-        let (idle_tx, idle_rx) = crossbeam_channel::unbounded::<usize>();
-        let mut batch_txs = Vec::with_capacity(instances.len());
-        for (index, instance) in instances.into_iter().enumerate() {
-            let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Job>>(1);
-            batch_txs.push(batch_tx);
-            let worker = Worker {
-                spec: spec.clone(),
-                version,
-                stats: stats.clone(),
-                instance,
-            };
-            let idle_tx = idle_tx.clone();
-            thread::Builder::new()
-                .name(format!("sy-{}-v{version}-i{index}", spec.name))
-                .spawn(move || worker.run(index, &idle_tx, &batch_rx))?;
-        }
+        // The batcher state is a token: the idle instance holding it forms the next batch,
+        // then passes it on and runs that batch.
+        let (token_tx, token_rx) = crossbeam_channel::bounded::<Batcher>(1);
         let batcher = Batcher {
             spec: spec.clone(),
             jobs,
@@ -98,9 +86,20 @@ impl Scheduler {
             stats: stats.clone(),
             pending: VecDeque::new(),
         };
-        thread::Builder::new()
-            .name(format!("sy-{}-v{version}-batcher", spec.name))
-            .spawn(move || batcher.run(&idle_rx, &batch_txs))?;
+        // Invariant: the channel is empty and has room for exactly this one token.
+        let _ = token_tx.send(batcher);
+        for (index, instance) in instances.into_iter().enumerate() {
+            let worker = Worker {
+                spec: spec.clone(),
+                version,
+                stats: stats.clone(),
+                instance,
+            };
+            let (token_tx, token_rx) = (token_tx.clone(), token_rx.clone());
+            thread::Builder::new()
+                .name(format!("sy-{}-v{version}-i{index}", spec.name))
+                .spawn(move || worker.run(&token_tx, &token_rx))?;
+        }
         let max_queue_size = spec.batching.as_ref().map_or(0, |b| b.max_queue_size);
         Ok(Self {
             queue,
@@ -145,19 +144,6 @@ struct Batcher {
 }
 
 impl Batcher {
-    fn run(mut self, idle: &Receiver<usize>, batches: &[Sender<Vec<Job>>]) {
-        // Each idle instance announces itself; the batch is formed only then.
-        while let Ok(index) = idle.recv() {
-            let Some(batch) = self.next_batch() else {
-                break;
-            };
-            if batches[index].send(batch).is_err() {
-                break;
-            }
-        }
-        debug!(model = %self.spec.name, "batcher stopped");
-    }
-
     fn take(&mut self, job: Job) {
         self.pending.push_back(job);
     }
@@ -294,11 +280,22 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, index: usize, idle: &Sender<usize>, batches: &Receiver<Vec<Job>>) {
-        while idle.send(index).is_ok() {
-            let Ok(batch) = batches.recv() else { break };
-            self.execute(batch);
+    fn run(mut self, token_tx: &Sender<Batcher>, token_rx: &Receiver<Batcher>) {
+        loop {
+            let Ok(mut batcher) = token_rx.recv() else {
+                break;
+            };
+            let batch = batcher.next_batch();
+            // Invariant: this thread took the only token, so there is room to put it back.
+            let _ = token_tx.send(batcher);
+            match batch {
+                Some(batch) => self.execute(batch),
+                // The queue is closed and drained; the token goes back so that the
+                // other instances see the same and stop too.
+                None => break,
+            }
         }
+        debug!(model = %self.spec.name, version = self.version, "instance stopped");
     }
 
     fn execute(&mut self, jobs: Vec<Job>) {

@@ -41,7 +41,7 @@ impl Metrics {
                 .expect("metric names are unique");
             vec
         };
-        let metrics = Self {
+        Self {
             success: counter(
                 "nv_inference_request_success",
                 "Number of successful inference requests, all batch sizes",
@@ -90,8 +90,7 @@ impl Metrics {
                 vec
             },
             registry,
-        };
-        metrics
+        }
     }
 
     /// The registry, for the `/metrics` endpoint.

@@ -89,7 +89,7 @@ output [
 ]
 dynamic_batching {{
   preferred_batch_size: [ 16, 32 ]
-  max_queue_delay_microseconds: 500
+  max_queue_delay_microseconds: 100
   default_queue_policy {{
     max_queue_size: 1024
   }}

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::error::BackendError;
-use crate::runtime::{LoadSpec, Runtime, RuntimeKind, onnx_signature};
+use crate::runtime::{LoadSpec, LoadedModel, Runtime, RuntimeKind, onnx_signature};
 use crate::scheduler::Scheduler;
 use crate::spec::{ModelSpec, VersionPolicy};
 use crate::stats::{Metrics, VersionStats};
@@ -128,12 +128,12 @@ impl Repository {
         let mut names: Vec<String> = Vec::new();
         for entry in fs::read_dir(&self.root)? {
             let entry = entry?;
-            if entry.file_type()?.is_dir() || fs::metadata(entry.path())?.is_dir() {
-                if let Some(name) = entry.file_name().to_str() {
-                    if !name.starts_with('.') {
-                        names.push(name.to_owned());
-                    }
-                }
+            let is_dir = entry.file_type()?.is_dir() || fs::metadata(entry.path())?.is_dir();
+            if is_dir
+                && let Some(name) = entry.file_name().to_str()
+                && !name.starts_with('.')
+            {
+                names.push(name.to_owned());
             }
         }
         names.sort();
@@ -358,14 +358,26 @@ impl Repository {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(format!("cannot read {}: {e}", config_path.display())),
         };
-        let config = crate::pbtxt::parse_model_config(&config_path, &config_text)?;
-        let spec = ModelSpec::from_config(name, config, self.options.default_runtime)
-            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        let spec =
+            crate::pbtxt::parse_model_config(&config_path, &config_text).and_then(|config| {
+                ModelSpec::from_config(name, config, self.options.default_runtime)
+                    .map_err(|e| format!("{}: {e}", config_path.display()))
+            });
+        let spec = match spec {
+            Ok(spec) => spec,
+            // A model that cannot load at all still names any pickle it carries: that is
+            // usually the real problem (a PyTorch model dropped into an ONNX repository).
+            Err(e) => {
+                let mut problems = safety::find_pickles(dir);
+                problems.push(e);
+                return Err(problems.join("; "));
+            }
+        };
         let runtime = self.runtimes.get(spec.runtime)?;
 
         let available = version_folders(dir);
         let wanted: Vec<u64> = match &spec.version_policy {
-            VersionPolicy::All => available.clone(),
+            VersionPolicy::All => available,
             VersionPolicy::Latest(n) => available.iter().rev().take(*n).rev().copied().collect(),
             VersionPolicy::Specific(v) => {
                 let mut v = v.clone();
@@ -446,34 +458,10 @@ impl Repository {
         if let Some(old) = old.filter(|o| o.fingerprint == fingerprint) {
             return Ok(old.clone());
         }
-        let file = path.display().to_string();
-        let built = catch_unwind(AssertUnwindSafe(|| -> Result<_, String> {
-            let signature = onnx_signature(&bytes).map_err(|e| format!("{file}: {e}"))?;
-            let mut spec = spec.clone();
-            spec.complete_and_check(&signature, &file)?;
-            let inputs: Vec<(&str, _)> = spec
-                .inputs
-                .iter()
-                .map(|t| (t.name.as_str(), t.element))
-                .collect();
-            let outputs: Vec<&str> = spec.outputs.iter().map(|t| t.name.as_str()).collect();
-            let model = runtime
-                .load(
-                    &bytes,
-                    &LoadSpec {
-                        inputs: &inputs,
-                        outputs: &outputs,
-                        device: spec.device,
-                    },
-                )
-                .map_err(|e| format!("{file}: {e}"))?;
-            let instances = (0..spec.instances)
-                .map(|_| model.instance())
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((spec, instances))
-        }))
-        .map_err(|_| format!("{file}: the runtime panicked while loading the model"))??;
-        let (spec, instances) = built;
+        let (spec, model) = build(spec, &bytes, &path, runtime)?;
+        let instances = (0..spec.instances)
+            .map(|_| model.instance())
+            .collect::<Result<Vec<_>, _>>()?;
         let spec = Arc::new(spec);
         let stats = match old {
             // Statistics are per version and outlive a reload of the same version.
@@ -496,6 +484,40 @@ impl Repository {
             fingerprint,
         }))
     }
+}
+
+/// Checks the graph against the spec (completing it) and builds the model, surviving a
+/// panicking runtime. Blocking.
+pub(crate) fn build(
+    spec: &ModelSpec,
+    bytes: &[u8],
+    path: &Path,
+    runtime: &dyn Runtime,
+) -> Result<(ModelSpec, Box<dyn LoadedModel>), String> {
+    let file = path.display().to_string();
+    catch_unwind(AssertUnwindSafe(|| {
+        let signature = onnx_signature(bytes).map_err(|e| format!("{file}: {e}"))?;
+        let mut spec = spec.clone();
+        spec.complete_and_check(&signature, &file)?;
+        let inputs: Vec<(&str, _)> = spec
+            .inputs
+            .iter()
+            .map(|t| (t.name.as_str(), t.element))
+            .collect();
+        let outputs: Vec<&str> = spec.outputs.iter().map(|t| t.name.as_str()).collect();
+        let model = runtime
+            .load(
+                bytes,
+                &LoadSpec {
+                    inputs: &inputs,
+                    outputs: &outputs,
+                    device: spec.device,
+                },
+            )
+            .map_err(|e| format!("{file}: {e}"))?;
+        Ok((spec, model))
+    }))
+    .map_err(|_| format!("{file}: the runtime panicked while loading the model"))?
 }
 
 /// Numbered version folders, ascending.
@@ -526,14 +548,14 @@ fn failures(versions: &BTreeMap<u64, VersionSlot>) -> String {
 
 /// The runtimes this build has.
 #[derive(Debug)]
-struct Runtimes {
+pub(crate) struct Runtimes {
     tract: crate::runtime::tract::TractRuntime,
     #[cfg(feature = "onnxruntime")]
     ort: Result<crate::runtime::ort::OrtRuntime, String>,
 }
 
 impl Runtimes {
-    fn new(options: &RepositoryOptions) -> Self {
+    pub(crate) fn new(options: &RepositoryOptions) -> Self {
         #[cfg(not(feature = "onnxruntime"))]
         let _ = options;
         Self {
@@ -543,7 +565,7 @@ impl Runtimes {
         }
     }
 
-    fn get(&self, kind: RuntimeKind) -> Result<&dyn Runtime, String> {
+    pub(crate) fn get(&self, kind: RuntimeKind) -> Result<&dyn Runtime, String> {
         match kind {
             RuntimeKind::Tract => Ok(&self.tract),
             #[cfg(feature = "onnxruntime")]

@@ -43,13 +43,13 @@ pub(crate) fn check_files(dir: &Path, max_size: u64, recursive: bool) -> Vec<Str
                 }
                 continue;
             }
-            if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
-                if PICKLE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()) {
-                    problems.push(format!(
-                        "refusing {}: .{ext} is a pickle-based format, and unpickling runs arbitrary code; export the model to ONNX",
-                        path.display()
-                    ));
-                }
+            if let Some(ext) = path.extension().and_then(|e| e.to_str())
+                && PICKLE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
+            {
+                problems.push(format!(
+                    "refusing {}: .{ext} is a pickle-based format, and unpickling runs arbitrary code; export the model to ONNX",
+                    path.display()
+                ));
             }
             if meta.len() > max_size {
                 problems.push(format!(
@@ -62,6 +62,13 @@ pub(crate) fn check_files(dir: &Path, max_size: u64, recursive: bool) -> Vec<Str
     }
     problems.sort();
     problems
+}
+
+/// Every pickle file anywhere under `dir`, as refusal messages.
+pub(crate) fn find_pickles(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = check_files(dir, u64::MAX, true);
+    found.retain(|p| p.contains("pickle-based"));
+    found
 }
 
 /// One failed `SHA256SUMS` entry.

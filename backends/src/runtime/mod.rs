@@ -91,10 +91,11 @@ pub(crate) fn onnx_signature(bytes: &[u8]) -> Result<Signature, String> {
     let convert = |vi: &tract_onnx::pb::ValueInfoProto| {
         use tract_onnx::pb::tensor_shape_proto::dimension::Value;
         use tract_onnx::pb::type_proto;
-        let tensor = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-            Some(type_proto::Value::TensorType(t)) => Some(t),
-            None => None,
-        };
+        let tensor = vi
+            .r#type
+            .as_ref()
+            .and_then(|t| t.value.as_ref())
+            .map(|type_proto::Value::TensorType(t)| t);
         let element = match tensor {
             Some(t) => onnx_element(t.elem_type),
             None => Err("a non-tensor type".to_owned()),

@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
@@ -20,6 +21,11 @@ pub(crate) struct OrtRuntime {
     library: PathBuf,
 }
 
+/// ONNX Runtime allows one environment per process, so every repository (tests start
+/// several backends in one process) shares the first one loaded.
+static ENVIRONMENT: OnceLock<Result<(ort::environment::Environment, PathBuf), String>> =
+    OnceLock::new();
+
 impl OrtRuntime {
     /// Loads the library from `library`, or `$ORT_DYLIB_PATH`.
     pub(crate) fn new(library: Option<&Path>) -> Result<Self, String> {
@@ -29,13 +35,26 @@ impl OrtRuntime {
                 "no ONNX Runtime library: pass --onnxruntime-lib or set ORT_DYLIB_PATH to libonnxruntime.so",
             )?,
         };
-        let env = ort::init_from(&library)
-            .map_err(|e| format!("cannot load {}: {e}", library.display()))?
-            .with_name("switchyard")
-            .build()
-            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", library.display()))?;
-        tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-        Ok(Self { env, library })
+        let (env, loaded) = ENVIRONMENT
+            .get_or_init(|| {
+                let env = ort::init_from(&library)
+                    .map_err(|e| format!("cannot load {}: {e}", library.display()))?
+                    .with_name("switchyard")
+                    .build()
+                    .map_err(|e| {
+                        format!("cannot start ONNX Runtime from {}: {e}", library.display())
+                    })?;
+                tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+                Ok((env, library.clone()))
+            })
+            .clone()?;
+        if loaded != library {
+            tracing::warn!(requested = %library.display(), loaded = %loaded.display(), "ONNX Runtime is already loaded from another file; using it");
+        }
+        Ok(Self {
+            env,
+            library: loaded,
+        })
     }
 }
 
