@@ -1,0 +1,201 @@
+//! Test harness shared by the end-to-end tests: real backends on ephemeral ports, clients,
+//! the sample repository and its held-out data, and request builders.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use switchyard_backend::{Backend, BackendConfig};
+use switchyard_proto::inference::{
+    ModelInferRequest, ModelInferResponse,
+    grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type Client = GrpcInferenceServiceClient<Channel>;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The sample model repository.
+pub fn sample_repo() -> PathBuf {
+    root().join("backends/model_repository")
+}
+
+/// A private copy of the sample repository that a test may change.
+pub fn copy_sample_repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_dir(&sample_repo(), dir.path());
+    dir
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A backend serving on an ephemeral port; stops gracefully when dropped or on `stop`.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestBackend {
+    pub async fn start(repo: &Path) -> Self {
+        Self::start_with(BackendConfig::new(repo)).await
+    }
+
+    pub async fn start_with(config: BackendConfig) -> Self {
+        let backend = Backend::load(config).await.expect("backend loads");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(backend.serve(grpc, Some(metrics), async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            metrics_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        client(self.addr).await
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// The Prometheus exposition text.
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.metrics_addr, "/metrics").await
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn client(addr: SocketAddr) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket (the tests need no HTTP client crate).
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// The held-out split written by backends/train/train_digits.py.
+#[derive(Debug, serde::Deserialize)]
+pub struct Holdout {
+    pub features: Vec<Vec<f32>>,
+    pub labels: Vec<usize>,
+    pub models: HashMap<String, Reference>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Reference {
+    pub accuracy: f64,
+    pub probabilities: Vec<Vec<f32>>,
+}
+
+pub fn holdout() -> Holdout {
+    let text =
+        std::fs::read_to_string(root().join("backends/sample_data/digits_holdout.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// An FP32 `INPUT__0` request with `rows` as raw little-endian bytes.
+pub fn infer_request(model: &str, version: &str, rows: &[Vec<f32>]) -> ModelInferRequest {
+    let mut raw = Vec::with_capacity(rows.len() * 64 * 4);
+    for row in rows {
+        for v in row {
+            raw.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    ModelInferRequest {
+        model_name: model.to_owned(),
+        model_version: version.to_owned(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT__0".to_owned(),
+            datatype: "FP32".to_owned(),
+            shape: vec![rows.len() as i64, 64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    }
+}
+
+/// The `probabilities` output as rows of 10.
+pub fn probabilities(resp: &ModelInferResponse) -> Vec<Vec<f32>> {
+    let k = resp
+        .outputs
+        .iter()
+        .position(|o| o.name == "probabilities")
+        .expect("probabilities output");
+    let bytes = &resp.raw_output_contents[k];
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    values.chunks(10).map(<[f32]>::to_vec).collect()
+}
+
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::MIN),
+            |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+        )
+        .0
+}
