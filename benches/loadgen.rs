@@ -1,0 +1,295 @@
+//! Closed-loop gRPC load generator for Switchyard: fixed concurrency, warm-up, duration;
+//! reports throughput and p50/p90/p99 latency (HDR histograms), side by side in one run.
+//!
+//! Scenario `backend` (the default): `digits_mlp` batch 1 against `switchyard backend`
+//! (the release binary, started here on an ephemeral port) at each concurrency, then the
+//! in-process runtime throughput at every batch size, whose best is the ceiling a server
+//! can approach; the ratio server / in-process is printed.
+//!
+//! Run: `cargo bench --bench loadgen -- [--duration 5] [--warmup 1] [--concurrency 1,8,32]`
+//! Client and server share the machine, so absolute numbers include the client's cost;
+//! compare ratios from one run, never numbers from different runs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use switchyard_backend::{LocalModel, RepositoryOptions};
+use switchyard_proto::inference::{
+    ModelInferRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor,
+};
+use tonic::transport::Channel;
+
+struct Args {
+    duration: Duration,
+    warmup: Duration,
+    concurrency: Vec<usize>,
+    model: String,
+    version: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        duration: Duration::from_secs(5),
+        warmup: Duration::from_secs(1),
+        concurrency: vec![1, 8, 32],
+        model: "digits_mlp".to_owned(),
+        version: "1".to_owned(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--duration" => {
+                args.duration = Duration::from_secs_f64(value().parse().expect("seconds"))
+            }
+            "--warmup" => args.warmup = Duration::from_secs_f64(value().parse().expect("seconds")),
+            "--concurrency" => {
+                args.concurrency = value()
+                    .split(',')
+                    .map(|c| c.parse().expect("a number"))
+                    .collect()
+            }
+            "--model" => args.model = value(),
+            "--version" => args.version = value(),
+            // `cargo bench` passes --bench; nothing else is expected.
+            "--bench" => {}
+            other => panic!("unknown flag {other}; see the header of benches/loadgen.rs"),
+        }
+    }
+    args
+}
+
+/// One closed-loop measurement.
+#[derive(Debug)]
+struct Report {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Report {
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn row(&self, label: &str, concurrency: usize) -> String {
+        format!(
+            "| {label} | {concurrency} | {:.0} | {} | {} | {} | {} |",
+            self.throughput(),
+            self.latency_us.value_at_quantile(0.50),
+            self.latency_us.value_at_quantile(0.90),
+            self.latency_us.value_at_quantile(0.99),
+            self.errors
+        )
+    }
+}
+
+/// `concurrency` workers, each with its own connection, send `request` back to back.
+async fn closed_loop(
+    addr: SocketAddr,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    request: ModelInferRequest,
+) -> Report {
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = GrpcInferenceServiceClient::new(channel);
+        let request = request.clone();
+        workers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let result = client.model_infer(request.clone()).await;
+                let done = Instant::now();
+                if t >= measure_from {
+                    match result {
+                        Ok(_) => {
+                            ok += 1;
+                            let _ = hist.record((done - t).as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (hist, ok, errors)
+        }));
+    }
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let (mut requests, mut errors) = (0, 0);
+    for w in workers {
+        let (h, ok, err) = w.await.unwrap();
+        latency_us.add(h).unwrap();
+        requests += ok;
+        errors += err;
+    }
+    Report {
+        requests,
+        errors,
+        elapsed: duration,
+        latency_us,
+    }
+}
+
+fn request(model: &str, version: &str, rows: usize) -> ModelInferRequest {
+    let raw: Vec<u8> = (0..rows * 64)
+        .flat_map(|i| ((i % 17) as f32).to_le_bytes())
+        .collect();
+    ModelInferRequest {
+        model_name: model.to_owned(),
+        model_version: version.to_owned(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT__0".to_owned(),
+            datatype: "FP32".to_owned(),
+            shape: vec![rows as i64, 64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    }
+}
+
+/// A `switchyard` subcommand as a child process; killed (SIGTERM) on drop.
+struct Server {
+    child: Child,
+    addrs: Vec<(String, SocketAddr)>,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start switchyard");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addrs = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect();
+        Self { child, addrs }
+    }
+
+    fn addr(&self, key: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {key}= address"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Rows per second of the in-process runtime at one batch size, for about `duration`.
+fn in_process(repo: &Path, model: &str, version: u64, batch: usize, duration: Duration) -> f64 {
+    let mut local =
+        LocalModel::open(repo, model, version, &RepositoryOptions::default()).expect("open model");
+    let input: Vec<u8> = (0..batch * 64)
+        .flat_map(|i| ((i % 17) as f32).to_le_bytes())
+        .collect();
+    for _ in 0..50 {
+        local.infer(&[&input], batch).unwrap();
+    }
+    let start = Instant::now();
+    let mut rows = 0usize;
+    while start.elapsed() < duration {
+        local.infer(&[&input], batch).unwrap();
+        rows += batch;
+    }
+    rows as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args = parse_args();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("backends/model_repository");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "# switchyard loadgen: {} v{} batch 1, warm-up {:?}, {:?} per point",
+        args.model, args.version, args.warmup, args.duration
+    );
+
+    let backend = Server::start(&[
+        "backend",
+        "--model-repository",
+        repo.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let addr = backend.addr("grpc");
+    let req = request(&args.model, &args.version, 1);
+    println!(
+        "\n| target | concurrency | req/s | p50 µs | p90 µs | p99 µs | errors |\n| --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let mut best_server = 0f64;
+    for &c in &args.concurrency {
+        let report = runtime.block_on(closed_loop(
+            addr,
+            c,
+            args.warmup,
+            args.duration,
+            req.clone(),
+        ));
+        best_server = best_server.max(report.throughput());
+        println!("{}", report.row("backend (gRPC)", c));
+    }
+    drop(backend);
+
+    let version: u64 = args.version.parse().expect("numeric version");
+    println!("\n| in-process batch | rows/s |\n| --- | --- |");
+    let mut best = (0usize, 0f64);
+    for batch in [1, 2, 4, 8, 16, 32, 64] {
+        let rate = in_process(
+            &repo,
+            &args.model,
+            version,
+            batch,
+            Duration::from_millis(700),
+        );
+        println!("| {batch} | {rate:.0} |");
+        if rate > best.1 {
+            best = (batch, rate);
+        }
+    }
+    println!(
+        "\nbest server throughput {:.0} req/s (batch-1 requests) vs in-process {:.0} rows/s at batch {}: ratio server/in-process = {:.3}",
+        best_server,
+        best.1,
+        best.0,
+        best_server / best.1
+    );
+}
