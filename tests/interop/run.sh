@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-venv="${INTEROP_VENV:-$here/.venv}"
+venv=$(realpath -m "${INTEROP_VENV:-$here/.venv}")
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
 export SWITCHYARD_BIN="${SWITCHYARD_BIN:-$root/target/debug/switchyard}"
