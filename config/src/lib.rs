@@ -1,1 +1,217 @@
-//! Switchyard deployment and routing-policy files (filled by the gateway issue).
+//! Switchyard's configuration files: `gateway.yaml` (the deployment) and the policy files
+//! ML teams edit (`policies/*.yaml`, one route each).
+//!
+//! # Overview
+//! * [`gateway`] and [`policy`]: serde wire types with `deny_unknown_fields`, a doc comment
+//!   on every field (units and defaults), and JSON Schema derives.
+//! * [`validate`]: semantic checks that report every problem with file, line and path.
+//! * [`load_gateway_config`], [`load_policies`]: read, parse and validate from disk; the
+//!   same code runs for `switchyard check`, start-up and every hot reload.
+//!
+//! # Invariants
+//! * This crate knows YAML and nothing of tokio, pingora or the proto: the policy schema
+//!   does not move when the protocol does.
+//! * The YAML library is used behind [`parse_yaml`] only. It is `serde-saphyr`: pure Rust,
+//!   maintained, precise error positions, and `Spanned` values for semantic errors;
+//!   `serde_yaml`, which the design card names, is archived by its author.
+
+mod diagnostic;
+pub mod gateway;
+pub mod policy;
+mod units;
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+pub use diagnostic::{Diagnostic, Diagnostics};
+pub use gateway::GatewayConfig;
+pub use policy::PolicyFile;
+pub use units::{At, ByteSize, HumanDuration};
+
+/// Parses YAML text into `T`; a syntax or type error becomes one diagnostic with its line,
+/// column and field path.
+pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Diagnostic> {
+    let mut path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    result.map_err(|err| {
+        let (line, column) = err.location().map_or((0, 0), |l| (l.line(), l.column()));
+        // `At<T>` wraps values in serde-saphyr's `Spanned`, which adds a `value` segment.
+        let path: Vec<&str> = path
+            .split('.')
+            .filter(|s| !matches!(*s, "value" | "?" | ""))
+            .collect();
+        let path = path.join(".");
+        Diagnostic::new(file, line, column, path, first_line(&err.to_string()))
+    })
+}
+
+/// serde-saphyr renders a source snippet under its message; a diagnostic keeps the message.
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    // "error: line 4 column 30: unknown field ..." -> "unknown field ..."
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line.split_once(": ") {
+        Some((pos, rest)) if pos.starts_with("line ") => rest.to_owned(),
+        _ => line.to_owned(),
+    }
+}
+
+/// Reads and validates `gateway.yaml`; `policies` comes back resolved against the file's folder.
+pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Diagnostics(vec![Diagnostic::file(file, format!("cannot read: {e}"))]))?;
+    let mut config: GatewayConfig = parse_yaml(file, &text).map_err(|d| Diagnostics(vec![d]))?;
+    let mut problems = Vec::new();
+    for (name, backend) in &config.backends {
+        if backend.value.endpoints.is_empty() {
+            problems.push(Diagnostic::new(
+                file,
+                backend.line,
+                backend.column,
+                format!("backends.{name}.endpoints"),
+                "a backend pool needs at least one endpoint",
+            ));
+        }
+        for (i, e) in backend.value.endpoints.iter().enumerate() {
+            let ok = e.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                problems.push(Diagnostic::new(
+                    file,
+                    backend.line,
+                    backend.column,
+                    format!("backends.{name}.endpoints[{i}]"),
+                    format!("'{e}' is not host:port"),
+                ));
+            }
+        }
+    }
+    if config.breaker.consecutive_failures == 0 || config.breaker.half_open_probes == 0 {
+        problems.push(Diagnostic::new(
+            file,
+            0,
+            0,
+            "breaker",
+            "consecutive_failures and half_open_probes must be at least 1",
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Diagnostics::sorted(problems));
+    }
+    if config.policies.is_relative() {
+        let base = file.parent().unwrap_or(Path::new("."));
+        config.policies = base.join(&config.policies);
+    }
+    Ok(config)
+}
+
+/// A validated set of policy files, one route each.
+#[derive(Debug, Clone)]
+pub struct PolicySet {
+    /// The files, sorted by path.
+    pub files: Vec<LoadedPolicy>,
+}
+
+/// One validated policy file.
+#[derive(Debug, Clone)]
+pub struct LoadedPolicy {
+    /// Where it was read from.
+    pub file: PathBuf,
+    /// Its contents.
+    pub policy: PolicyFile,
+}
+
+/// Whether a directory entry is a policy file: `*.yaml` or `*.yml`, not hidden (editor
+/// swap files, Kubernetes' `..data` links and `.tmp` files of atomic writers are skipped).
+pub fn is_policy_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// Reads every policy file in `dir`, parses and validates all of them; either the whole
+/// set is good, or every problem of every file comes back.
+pub fn load_policies(dir: &Path, gateway: &GatewayConfig) -> Result<PolicySet, Diagnostics> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        Diagnostics(vec![Diagnostic::file(
+            dir,
+            format!("cannot read the policy folder: {e}"),
+        )])
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| is_policy_file(p))
+        .collect();
+    paths.sort();
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for file in paths {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Diagnostic::file(&file, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            problems.push(Diagnostic::file(
+                &file,
+                "the file is empty; a policy file holds one route",
+            ));
+            continue;
+        }
+        match parse_yaml::<PolicyFile>(&file, &text) {
+            Ok(policy) => {
+                problems.extend(validate::validate_policy(&file, &policy, gateway));
+                files.push(LoadedPolicy { file, policy });
+            }
+            Err(d) => problems.push(d),
+        }
+    }
+    let mut routes: std::collections::HashMap<&str, &Path> = std::collections::HashMap::new();
+    for f in &files {
+        let route = &f.policy.route;
+        if let Some(first) = routes.insert(&route.value, &f.file) {
+            problems.push(Diagnostic::new(
+                &f.file,
+                route.line,
+                route.column,
+                "route",
+                format!(
+                    "route '{}' is already defined in {}; one file per route",
+                    route.value,
+                    first.display()
+                ),
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(PolicySet { files })
+    } else {
+        Err(Diagnostics::sorted(problems))
+    }
+}
+
+/// The JSON Schema of policy files (what `policies/schema.json` holds).
+pub fn policy_schema() -> String {
+    let schema = schemars::generate::SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<PolicyFile>();
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}

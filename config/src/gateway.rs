@@ -1,0 +1,191 @@
+//! `gateway.yaml`: the deployment file. Listeners, the policy folder, backend pools, and
+//! the knobs of the protection layer (limits, breakers, health checks, retry budget).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::units::{At, ByteSize, HumanDuration};
+
+/// The gateway's deployment file.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Listen addresses. Defaults are Triton's ports on loopback.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Folder of policy files (`*.yaml`, one route each), relative to this file.
+    pub policies: PathBuf,
+    /// Backend pools by name; policies refer to them from their targets.
+    pub backends: IndexMap<String, At<BackendConfig>>,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Circuit breaker settings for every target.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Active health checks of backend endpoints.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    /// Retry budget shared by all routes.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Hot reload of the policy folder.
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// KServe v2 REST (HTTP/1.1 and h2c). Default 127.0.0.1:8000.
+    pub http: SocketAddr,
+    /// KServe v2 gRPC (h2c). Default 127.0.0.1:8001.
+    pub grpc: SocketAddr,
+    /// Admin API and `/metrics`. Default 127.0.0.1:8002 (loopback: it can reload policies).
+    pub admin: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            grpc: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 8002)),
+        }
+    }
+}
+
+/// One backend pool: endpoints that serve the same models.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `host:port` of each endpoint's KServe v2 gRPC service.
+    pub endpoints: Vec<String>,
+    /// Time to establish a connection. Default 1s.
+    #[serde(default)]
+    pub connect_timeout: Option<HumanDuration>,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted; larger ones get 413 / RESOURCE_EXHAUSTED. Default 16MiB.
+    pub max_body_bytes: ByteSize,
+    /// Deadline for routes that set none. Default 30s.
+    pub default_deadline: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: ByteSize(16 << 20),
+            default_deadline: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Circuit breaker settings (Envoy's outlier-detection defaults plus half-open probing).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive upstream failures that open the breaker. Default 5.
+    pub consecutive_failures: u32,
+    /// First open period; each further opening multiplies it. Default 30s.
+    pub base_ejection: HumanDuration,
+    /// Longest open period. Default 300s.
+    pub max_ejection: HumanDuration,
+    /// Requests admitted while half-open; that many successes close the breaker. Default 1.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: HumanDuration(std::time::Duration::from_secs(30)),
+            max_ejection: HumanDuration(std::time::Duration::from_secs(300)),
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// Active health checks (ServerReady on every endpoint).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Time between checks of an endpoint. Default 2s.
+    pub interval: HumanDuration,
+    /// Time a check may take. Default 1s.
+    pub timeout: HumanDuration,
+    /// Consecutive failed checks that take an endpoint out of rotation. Default 2.
+    pub unhealthy_after: u32,
+    /// Consecutive passed checks that bring it back. Default 1.
+    pub healthy_after: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration(std::time::Duration::from_secs(2)),
+            timeout: HumanDuration(std::time::Duration::from_secs(1)),
+            unhealthy_after: 2,
+            healthy_after: 1,
+        }
+    }
+}
+
+/// Retries may use at most this share of the requests in flight (Envoy's retry budget).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    /// Percent of active requests that may be retries. Default 20.
+    pub percent: u32,
+    /// Retries always allowed regardless of load. Default 3.
+    pub min_concurrency: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        Self {
+            percent: 20,
+            min_concurrency: 3,
+        }
+    }
+}
+
+/// The admin API.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Environment variable holding the bearer token that `POST /admin/reload` requires.
+    /// Unset: reload over HTTP is refused (SIGHUP and file changes still reload).
+    pub token_env: Option<String>,
+}
+
+/// Hot reload of the policy folder.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Watch the policy folder and reload on change. Default true.
+    pub watch: bool,
+    /// Quiet time after the last file event before reloading. Default 200ms.
+    pub debounce: HumanDuration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce: HumanDuration(std::time::Duration::from_millis(200)),
+        }
+    }
+}

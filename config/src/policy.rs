@@ -1,0 +1,282 @@
+//! Policy files (`policies/*.yaml`, schema version 1): one route each. The wire types here
+//! are what ML teams write; `validate` checks them and `switchyard-gateway` compiles them.
+//!
+//! ```yaml
+//! version: 1
+//! route: digits
+//! targets:
+//!   mlp-v1: { backend: stable, model: digits_mlp, version: 1, release: v1.0.0 }
+//!   mlp-v2: { backend: canary, model: digits_mlp, version: 2, release: v1.1.0 }
+//! rules:
+//!   - match: { headers: { x-model-version: v1.1.0 } }
+//!     plan: mlp-v2
+//! default:
+//!   split: { sticky: header:x-user-id, salt: digits-ab-1, weights: { mlp-v1: 90, mlp-v2: 10 } }
+//! fallback: [mlp-v1]
+//! deadline: 250ms
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+
+use indexmap::IndexMap;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+use crate::units::{At, HumanDuration};
+
+/// One policy file: one route.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Schema version of this file; must be 1.
+    pub version: At<u32>,
+    /// The name clients call (`model_name` in gRPC, the path segment in REST).
+    pub route: At<String>,
+    /// The model versions this route may send traffic to, by name.
+    pub targets: IndexMap<String, At<TargetConfig>>,
+    /// Header rules, tried in order; the first match picks the plan.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// The plan for requests no rule matches.
+    pub default: At<PlanConfig>,
+    /// Targets tried in order when the chosen one is unavailable (breaker open, connect
+    /// failure, or a retryable failure on an idempotent route).
+    #[serde(default)]
+    pub fallback: Vec<At<String>>,
+    /// Time budget for a request, upstream calls and retries included. The client's
+    /// `grpc-timeout` wins when shorter. Default: `limits.default_deadline` of gateway.yaml.
+    #[serde(default)]
+    pub deadline: Option<At<HumanDuration>>,
+    /// Retries after the request reached a backend.
+    #[serde(default)]
+    pub retry: Option<At<RetryConfig>>,
+    /// Whether a request's `model_version` may pin a target by its `release` or Triton
+    /// version. Default true.
+    #[serde(default = "yes")]
+    pub version_pinning: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A leaf: one model version on one backend pool.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A backend pool of gateway.yaml.
+    pub backend: String,
+    /// The model name on that backend.
+    pub model: String,
+    /// The Triton model version; absent: the backend's newest ready version.
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// A release label (`v1.2.3`) that clients may name in `model_version`.
+    #[serde(default)]
+    pub release: Option<String>,
+}
+
+/// A header rule.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// What a request must carry; every condition must hold.
+    #[serde(rename = "match")]
+    pub when: At<MatchConfig>,
+    /// The plan for matching requests.
+    pub plan: At<PlanConfig>,
+}
+
+/// Conditions of a rule.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Header name to condition; all must hold.
+    #[serde(default)]
+    pub headers: IndexMap<String, HeaderMatchConfig>,
+}
+
+/// A condition on one header: a string means `exact`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderMatchConfig {
+    /// The value equals this string.
+    Exact(String),
+    /// The value starts with this string.
+    Prefix(String),
+    /// The value matches this regular expression (whole value, RE2 syntax).
+    Regex(String),
+    /// The header is present (`true`) or absent (`false`).
+    Present(bool),
+}
+
+/// How a request picks a target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanConfig {
+    /// One target, by name (`plan: mlp-v2` or `{ target: mlp-v2 }`).
+    Target(String),
+    /// A weighted split across targets.
+    Split(SplitConfig),
+}
+
+/// A weighted split. Weights are relative (a draw in `[0, Σw)`), in file order.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// Target name to weight (> 0), in order: with `sticky`, each target owns a fixed
+    /// slice of the hash space in this order, so raising the weight of the last target
+    /// only moves keys onto it.
+    pub weights: IndexMap<String, At<i64>>,
+    /// `header:NAME`: requests with the same value of header NAME always get the same
+    /// target (nginx `split_clients`). Without it, or without the header, a random draw.
+    #[serde(default)]
+    pub sticky: Option<At<String>>,
+    /// Mixed into the sticky hash, so that two experiments do not pick the same users.
+    #[serde(default)]
+    pub salt: String,
+}
+
+/// Retries after the request reached a backend.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts after the first, 0 to 5. Default 1.
+    #[serde(default = "one")]
+    pub attempts: u32,
+    /// Whether the models may safely run a request twice (inference usually can). A
+    /// request that reached a backend is retried only when this is true. Default false.
+    #[serde(default)]
+    pub idempotent: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+// === impl PlanConfig ===
+
+const PLAN_KINDS: &[&str] = &["target", "split"];
+
+impl<'de> Deserialize<'de> for PlanConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PlanVisitor;
+        impl<'de> Visitor<'de> for PlanVisitor {
+            type Value = PlanConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a target name, or a map with one key: target or split")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PlanConfig, E> {
+                Ok(PlanConfig::Target(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PlanConfig, A::Error> {
+                let Some(kind) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "an empty plan: write a target name, or { target: .. } or { split: .. }",
+                    ));
+                };
+                let plan = match kind.as_str() {
+                    "target" => PlanConfig::Target(map.next_value()?),
+                    "split" => PlanConfig::Split(map.next_value()?),
+                    other => return Err(de::Error::unknown_variant(other, PLAN_KINDS)),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "a plan has exactly one kind, but this one also has '{extra}'; nest plans instead"
+                    )));
+                }
+                Ok(plan)
+            }
+        }
+        d.deserialize_any(PlanVisitor)
+    }
+}
+
+impl JsonSchema for PlanConfig {
+    fn schema_name() -> Cow<'static, str> {
+        "Plan".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let split = generator.subschema_for::<SplitConfig>();
+        json_schema!({
+            "description": "How a request picks a target: a target name, { target: NAME }, or { split: {..} }",
+            "oneOf": [
+                { "type": "string", "description": "A target name" },
+                { "type": "object", "properties": { "target": { "type": "string" } }, "required": ["target"], "additionalProperties": false },
+                { "type": "object", "properties": { "split": split }, "required": ["split"], "additionalProperties": false }
+            ]
+        })
+    }
+}
+
+// === impl HeaderMatchConfig ===
+
+const HEADER_MATCH_KINDS: &[&str] = &["exact", "prefix", "regex", "present"];
+
+impl<'de> Deserialize<'de> for HeaderMatchConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MatchVisitor;
+        impl<'de> Visitor<'de> for MatchVisitor {
+            type Value = HeaderMatchConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a header value, or a map with one key: exact, prefix, regex or present",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(HeaderMatchConfig::Exact(v.to_owned()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "write {{ present: {v} }} to test for the header, or quote \"{v}\" to match the value"
+                )))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(HeaderMatchConfig::Exact(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(HeaderMatchConfig::Exact(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let Some(kind) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "an empty header condition: use exact, prefix, regex or present",
+                    ));
+                };
+                let m = match kind.as_str() {
+                    "exact" => HeaderMatchConfig::Exact(map.next_value()?),
+                    "prefix" => HeaderMatchConfig::Prefix(map.next_value()?),
+                    "regex" => HeaderMatchConfig::Regex(map.next_value()?),
+                    "present" => HeaderMatchConfig::Present(map.next_value()?),
+                    other => return Err(de::Error::unknown_variant(other, HEADER_MATCH_KINDS)),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "a header condition has one kind, but this one also has '{extra}'; add a second rule instead"
+                    )));
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_any(MatchVisitor)
+    }
+}
+
+impl JsonSchema for HeaderMatchConfig {
+    fn schema_name() -> Cow<'static, str> {
+        "HeaderMatch".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let one = |key: &str, ty: &str| json_schema!({ "type": "object", "properties": { key: { "type": ty } }, "required": [key], "additionalProperties": false });
+        json_schema!({
+            "description": "A header condition: a string (exact value), or one of exact, prefix, regex (whole value), present",
+            "oneOf": [
+                { "type": "string" },
+                one("exact", "string"),
+                one("prefix", "string"),
+                one("regex", "string"),
+                one("present", "boolean")
+            ]
+        })
+    }
+}
