@@ -1,5 +1,6 @@
-//! The `switchyard` binary: parses the command line and hands off to the crates
-//! (`backend` runs `switchyard-backend`; the gateway commands come with the gateway).
+//! The `switchyard` binary: parses the command line and hands off to the crates. `up` runs
+//! the bundled backends and the gateway together; `gateway` and `backend` run one each;
+//! `check` and `explain` are the policy linter and dry run.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,8 +23,60 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start the bundled backends on the sample models and the gateway in front of them.
+    Up(UpArgs),
+    /// Run the gateway: KServe v2 REST and gRPC routed by the policies.
+    Gateway(GatewayArgs),
     /// Serve a Triton-style model repository over the KServe v2 gRPC protocol.
     Backend(BackendArgs),
+    /// Parse, validate and compile a policy folder as a reload would; print every problem.
+    Check(CheckArgs),
+    /// Show which plan and target a request with these headers would get, and why.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// The deployment file; a backend is started on each endpoint of its pools.
+    #[arg(long, default_value = "config/gateway.yaml")]
+    config: PathBuf,
+    /// The model repository the bundled backends serve.
+    #[arg(long, default_value = "backends/model_repository")]
+    model_repository: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct GatewayArgs {
+    /// The deployment file (listeners, policy folder, backend pools).
+    #[arg(long, default_value = "config/gateway.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The deployment file (for backend names and defaults).
+    #[arg(long, default_value = "config/gateway.yaml")]
+    config: PathBuf,
+    /// The policy folder to check (default: the one the deployment file names).
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// The route a client would call.
+    route: String,
+    /// A request header, `name:value`; repeat for several.
+    #[arg(short = 'H', long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// The request's model_version (a release or Triton version pins a target).
+    #[arg(long, default_value = "")]
+    model_version: String,
+    /// The deployment file.
+    #[arg(long, default_value = "config/gateway.yaml")]
+    config: PathBuf,
+    /// The policy folder (default: the one the deployment file names).
+    #[arg(long)]
+    policies: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,7 +118,11 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => up(args).await,
+            Command::Gateway(args) => gateway(args).await,
             Command::Backend(args) => backend(args).await,
+            Command::Check(args) => check(args),
+            Command::Explain(args) => explain(args),
         }
     })
 }
@@ -95,6 +152,165 @@ async fn backend(args: BackendArgs) -> Result<()> {
     backend
         .serve(grpc, Some(metrics), shutdown_signal())
         .await?;
+    Ok(())
+}
+
+fn load_config(path: &std::path::Path) -> Result<switchyard_config::GatewayConfig> {
+    switchyard_config::load_gateway_config(path).map_err(|d| anyhow::anyhow!("{d}"))
+}
+
+async fn gateway(args: GatewayArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let gateway = switchyard_gateway::Gateway::new(config.clone())?;
+    let listeners = switchyard_gateway::Listeners::bind(&config)?;
+    println!(
+        "switchyard gateway listening http={} grpc={} admin={}",
+        listeners.http.local_addr()?,
+        listeners.grpc.local_addr()?,
+        listeners.admin.local_addr()?
+    );
+    spawn_sighup_reload(gateway.clone());
+    gateway
+        .serve(
+            listeners,
+            shutdown_signal(),
+            std::time::Duration::from_secs(10),
+        )
+        .await?;
+    Ok(())
+}
+
+/// SIGHUP reloads the policies, as nginx does.
+fn spawn_sighup_reload(gateway: switchyard_gateway::Gateway) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = gateway.reload("SIGHUP").await;
+        }
+    });
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+    let mut started = Vec::new();
+    for (pool, backend) in &config.backends {
+        for endpoint in &backend.value.endpoints {
+            let listener = TcpListener::bind(endpoint.as_str())
+                .await
+                .with_context(|| {
+                    format!("starting the bundled backend for pool '{pool}' on {endpoint}")
+                })?;
+            let loaded = Backend::load(BackendConfig::new(&args.model_repository))
+                .await
+                .with_context(|| format!("loading {}", args.model_repository.display()))?;
+            started.push(format!("{pool}={endpoint}"));
+            tasks.push(tokio::spawn(loaded.serve(
+                listener,
+                None,
+                stopped(stop_rx.clone()),
+            )));
+        }
+    }
+    let gateway = switchyard_gateway::Gateway::new(config.clone())?;
+    let listeners = switchyard_gateway::Listeners::bind(&config)?;
+    let (http, grpc, admin) = (
+        listeners.http.local_addr()?,
+        listeners.grpc.local_addr()?,
+        listeners.admin.local_addr()?,
+    );
+    println!(
+        "switchyard up listening http={http} grpc={grpc} admin={admin} backends={}",
+        started.join(",")
+    );
+    println!();
+    println!("  KServe v2 REST   http://{http}/v2/models/digits   (gRPC on {grpc})");
+    println!("  metrics, admin   http://{admin}/metrics   http://{admin}/admin/policy");
+    println!(
+        "  policies         {}  (edit a file: the gateway reloads it)",
+        config.policies.display()
+    );
+    println!();
+    println!(
+        "  try: curl -s -H 'x-user-id: alice' -d @backends/sample_data/request.json http://{http}/v2/models/digits/infer"
+    );
+    println!();
+    spawn_sighup_reload(gateway.clone());
+    gateway
+        .serve(
+            listeners,
+            shutdown_signal(),
+            std::time::Duration::from_secs(10),
+        )
+        .await?;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let dir = args.dir.unwrap_or_else(|| config.policies.clone());
+    match switchyard_gateway::routing::load(&dir, &config) {
+        Ok(table) => {
+            println!(
+                "{}: ok, {} route(s): {}",
+                dir.display(),
+                table.names().len(),
+                table.names().join(", ")
+            );
+            Ok(())
+        }
+        Err(diagnostics) => {
+            eprintln!("{diagnostics}");
+            eprintln!(
+                "{}: {} problem(s); nothing would be applied",
+                dir.display(),
+                diagnostics.0.len()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn explain(args: ExplainArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let dir = args.policies.unwrap_or_else(|| config.policies.clone());
+    let table =
+        switchyard_gateway::routing::load(&dir, &config).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let Some(route) = table.get(&args.route) else {
+        anyhow::bail!(
+            "no route '{}'; the policies define: {}",
+            args.route,
+            table.names().join(", ")
+        );
+    };
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("-H '{h}': expected name:value"))?;
+        let name = http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+            .with_context(|| format!("-H '{h}': bad header name"))?;
+        headers.append(
+            name,
+            http::HeaderValue::from_str(value.trim())
+                .with_context(|| format!("-H '{h}': bad header value"))?,
+        );
+    }
+    print!(
+        "{}",
+        switchyard_gateway::routing::explain(route, &headers, &args.model_version)
+    );
     Ok(())
 }
 

@@ -12,6 +12,7 @@ loads them; skl2onnx would emit ai.onnx.ml operators that tract does not impleme
 Writes, relative to the repository root:
   backends/model_repository/<model>/config.pbtxt, <model>/<version>/model.onnx, SHA256SUMS
   backends/sample_data/digits_holdout.json  (held-out features, labels, reference outputs)
+  backends/sample_data/request.json         (one held-out digit as a REST request, for curl)
 
 Run: backends/train/train.sh   (creates a venv from requirements.txt and runs this script)
 """
@@ -172,6 +173,9 @@ def main():
 
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "digits_holdout.json").write_text(json.dumps(holdout, separators=(",", ":")) + "\n")
+    # One held-out digit as a KServe v2 REST request, for curl.
+    request = {"inputs": [{"name": "INPUT__0", "shape": [1, 64], "datatype": "FP32", "data": holdout["features"][0]}]}
+    (DATA / "request.json").write_text(json.dumps(request) + "\n")
 
 
 if __name__ == "__main__":

@@ -167,8 +167,11 @@ impl Default for RetryBudgetConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Environment variable holding the bearer token that `POST /admin/reload` requires.
-    /// Unset: reload over HTTP is refused (SIGHUP and file changes still reload).
+    /// With neither this nor `token_file`, reload over HTTP is refused (SIGHUP and file
+    /// changes still reload).
     pub token_env: Option<String>,
+    /// A file holding the token (a mounted Kubernetes secret, say), relative to this file.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Hot reload of the policy folder.

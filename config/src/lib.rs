@@ -106,9 +106,14 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
     if !problems.is_empty() {
         return Err(Diagnostics::sorted(problems));
     }
+    let base = file.parent().unwrap_or(Path::new("."));
     if config.policies.is_relative() {
-        let base = file.parent().unwrap_or(Path::new("."));
         config.policies = base.join(&config.policies);
+    }
+    if let Some(token) = config.admin.token_file.as_mut()
+        && token.is_relative()
+    {
+        *token = base.join(&*token);
     }
     Ok(config)
 }

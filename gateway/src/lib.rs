@@ -1,1 +1,271 @@
-//! Switchyard gateway (filled by the gateway issue).
+//! Switchyard's gateway: one stable KServe v2 endpoint (REST on 8000, gRPC on 8001, admin
+//! on 8002) on pingora, routing each request by policy to a model version on a backend
+//! pool, protecting the pools, and hot-reloading its routing table.
+//!
+//! # Overview
+//! * `routing`: policies compiled into routes, rules, plans and splits; the pure decision.
+//! * `snapshot`: a policy version with its runtime handles, swapped whole by `reload`.
+//! * `frontend`: pingora sessions to requests and back (`grpc`, `rest`, `admin`, `json`).
+//! * `invoke`: breaker admission, fallbacks, retries, deadline; `upstream`: pools, pooled
+//!   h2c connections (pingora's connector), health checks, breakers, retry budget.
+//! * `wire`: reads `model_name`/`model_version` from a `ModelInferRequest` without decoding
+//!   its tensors, and rewrites them for the chosen target.
+//!
+//! # How to use
+//! [`Gateway::new`] loads the policies (refusing to start on invalid ones), then
+//! [`Gateway::serve`] runs on bound listeners until a shutdown future completes.
+//!
+//! # Invariants
+//! * A request loads the snapshot once; it never sees two policy versions.
+//! * The request path takes no lock: `ArcSwap`, atomics, and metric handles resolved when
+//!   a snapshot is built.
+//! * Breakers, pools and health state outlive reloads; a failed reload changes nothing.
+//! * Only this crate names pingora.
+
+mod error;
+mod frontend;
+mod invoke;
+mod metrics;
+mod proxy;
+mod reload;
+pub mod routing;
+mod snapshot;
+mod upstream;
+mod wire;
+
+use std::future::Future;
+use std::os::fd::IntoRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{Fds, ListenFds};
+use switchyard_config::{Diagnostics, GatewayConfig, load_policies};
+use tracing::info;
+
+pub use metrics::Metrics;
+pub use upstream::ResolveError;
+
+use snapshot::Snapshot;
+use upstream::Upstreams;
+use upstream::budget::RetryBudget;
+
+/// State shared by every request and background task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: GatewayConfig,
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) budget: RetryBudget,
+    pub(crate) metrics: Metrics,
+    pub(crate) admin_token: Option<String>,
+    pub(crate) ready: AtomicBool,
+    pub(crate) next_version: AtomicU64,
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    pub(crate) last_reload: ArcSwap<Option<reload::ReloadStatus>>,
+}
+
+impl Shared {
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.snapshot.load().version > 0
+    }
+
+    pub(crate) fn in_flight(&self, protocol: usize) -> InFlight {
+        let gauge = self
+            .metrics
+            .in_flight
+            .with_label_values(&[metrics::PROTOCOLS[protocol]]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+/// Counts a request in `switchyard_requests_in_flight` while alive.
+#[derive(Debug)]
+pub(crate) struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The policies in force at start-up are invalid (every problem is listed).
+    #[error("invalid policies:\n{0}")]
+    Policies(Diagnostics),
+    /// A backend endpoint does not resolve.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+}
+
+/// The three listeners, bound before the gateway starts (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// KServe v2 REST.
+    pub http: std::net::TcpListener,
+    /// KServe v2 gRPC.
+    pub grpc: std::net::TcpListener,
+    /// Admin API and metrics.
+    pub admin: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `gateway.yaml`.
+    pub fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
+        let bind = |addr| {
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+        };
+        Ok(Self {
+            http: bind(config.listen.http)?,
+            grpc: bind(config.listen.grpc)?,
+            admin: bind(config.listen.admin)?,
+        })
+    }
+}
+
+/// A gateway with its first policy snapshot loaded.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Loads the policies and builds the pools. The admin token is read from the
+    /// environment variable `admin.token_env` names, or from `admin.token_file`.
+    pub fn new(config: GatewayConfig) -> Result<Self, StartError> {
+        let metrics = Metrics::new();
+        let upstreams = Arc::new(Upstreams::new(&config, metrics.clone())?);
+        let policies = load_policies(&config.policies, &config).map_err(StartError::Policies)?;
+        let snapshot = Snapshot::build(1, &policies, &config, &upstreams, &metrics);
+        metrics.policy_version.set(1);
+        let from_env = config
+            .admin
+            .token_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok());
+        let from_file = config
+            .admin
+            .token_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok());
+        let admin_token = from_env
+            .or(from_file)
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        let shared = Shared {
+            budget: RetryBudget::new(
+                config.retry_budget.percent,
+                config.retry_budget.min_concurrency,
+            ),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            upstreams,
+            metrics,
+            admin_token,
+            ready: AtomicBool::new(true),
+            next_version: AtomicU64::new(2),
+            reload_lock: tokio::sync::Mutex::new(()),
+            last_reload: ArcSwap::from_pointee(None),
+            config,
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The policy version in force.
+    pub fn policy_version(&self) -> u64 {
+        self.shared.snapshot.load().version
+    }
+
+    /// Reloads the policies now (what SIGHUP does); on error the old snapshot stays.
+    pub async fn reload(&self, trigger: &str) -> Result<u64, Diagnostics> {
+        self.shared.reload(trigger).await
+    }
+
+    /// Serves on `listeners` until `shutdown` completes, then stops accepting, waits up to
+    /// `drain` for requests in flight, and returns.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let shared = self.shared;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let conf = Arc::new(ServerConf::default());
+        let mut tasks = Vec::new();
+        for (port, listener) in [
+            (proxy::Port::Rest, listeners.http),
+            (proxy::Port::Grpc, listeners.grpc),
+            (proxy::Port::Admin, listeners.admin),
+        ] {
+            listener.set_nonblocking(true)?;
+            let addr = listener.local_addr()?.to_string();
+            info!(?port, %addr, "listening");
+            let app = proxy::Frontend {
+                port,
+                shared: shared.clone(),
+            };
+            let mut service = pingora_proxy::http_proxy_service_with_name(
+                &conf,
+                app,
+                &format!("switchyard {port:?}"),
+            );
+            let mut options = HttpServerOptions::default();
+            // One port serves HTTP/1.1 and h2c; pingora tells them apart by the h2 preface.
+            options.h2c = true;
+            if let Some(app) = service.app_logic_mut() {
+                app.server_options = Some(options);
+            }
+            service.add_tcp(&addr);
+            // Hand pingora the socket we bound, keyed by the address string it looks up.
+            let mut fds = Fds::new();
+            fds.add(addr, listener.into_raw_fd());
+            let fds: ListenFds = Arc::new(Mutex::new(fds));
+            let stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                pingora_core::services::Service::start_service(&mut service, Some(fds), stop, 1)
+                    .await;
+            }));
+        }
+        tasks.push(tokio::spawn(
+            shared.upstreams.clone().run_health_checks(stop_rx.clone()),
+        ));
+        if shared.config.reload.watch {
+            tasks.push(tokio::spawn(reload::watch(shared.clone(), stop_rx.clone())));
+        }
+        shutdown.await;
+        info!("shutting down: no new connections; draining requests in flight");
+        shared.ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let started = tokio::time::Instant::now();
+        while total_in_flight(&shared) > 0 && started.elapsed() < drain {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        info!("gateway stopped");
+        Ok(())
+    }
+}
+
+fn total_in_flight(shared: &Shared) -> i64 {
+    metrics::PROTOCOLS
+        .iter()
+        .map(|p| shared.metrics.in_flight.with_label_values(&[p]).get())
+        .sum()
+}

@@ -2,6 +2,8 @@
 //! the sample repository and its held-out data, and request builders.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod gateway;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,8 +65,13 @@ impl TestBackend {
     }
 
     pub async fn start_with(config: BackendConfig) -> Self {
+        Self::start_on(config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A backend on a given address (to restart one where it was).
+    pub async fn start_on(config: BackendConfig, addr: SocketAddr) -> Self {
         let backend = Backend::load(config).await.expect("backend loads");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = TcpListener::bind(addr).await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
@@ -105,6 +112,51 @@ impl Drop for TestBackend {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A `switchyard backend` child process, for tests that kill backends for real.
+pub struct BackendProcess {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl BackendProcess {
+    /// Starts on `addr` (port 0: any) and waits until it serves.
+    pub fn start(repo: &Path, addr: SocketAddr) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["backend", "--model-repository"])
+            .arg(repo)
+            .args(["--listen", &addr.to_string(), "--metrics", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .unwrap_or_else(|| panic!("backend did not start: {line:?}"))
+            .parse()
+            .unwrap();
+        Self { addr, child }
+    }
+
+    /// SIGKILL: connections drop mid-request, nothing drains.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

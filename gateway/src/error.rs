@@ -1,0 +1,113 @@
+//! The gateway's closed set of request errors and their one mapping (`rescue`) to an HTTP
+//! status, a gRPC code and a message.
+
+use std::time::Duration;
+
+use crate::metrics::Outcome;
+use crate::routing::RouteError;
+use crate::upstream::client::code;
+
+/// Why the gateway answered a request with an error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum GatewayError {
+    /// No route of that name.
+    #[error("unknown route '{route}'; the gateway serves: {known}")]
+    UnknownRoute { route: String, known: String },
+    /// Routing refused the request (version pinning).
+    #[error("{0}")]
+    Route(#[from] RouteError),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is over `limits.max_body_bytes`.
+    #[error("request body exceeds the {limit}-byte limit (limits.max_body_bytes)")]
+    BodyTooLarge { limit: u64 },
+    /// A method or feature the gateway does not serve.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Nothing could take the request.
+    #[error("route '{route}': no target is available ({detail})")]
+    NoTarget { route: String, detail: String },
+    /// The deadline passed.
+    #[error("route '{route}': deadline of {after:?} exceeded{detail}")]
+    Deadline {
+        route: String,
+        after: Duration,
+        detail: String,
+    },
+    /// The backend answered with an error status, passed through.
+    #[error("{message}")]
+    Upstream { code: i32, message: String },
+    /// Calling the backend failed and no retry was possible.
+    #[error("route '{route}': upstream failure: {reason}")]
+    UpstreamFailed { route: String, reason: String },
+}
+
+/// What a client sees for an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rescued {
+    pub(crate) http: u16,
+    pub(crate) grpc: i32,
+    pub(crate) message: String,
+}
+
+impl GatewayError {
+    /// The one mapping from errors to statuses.
+    pub(crate) fn rescue(&self) -> Rescued {
+        let (http, grpc) = match self {
+            Self::UnknownRoute { .. } => (404, code::NOT_FOUND),
+            Self::Route(RouteError::UnknownVersion { .. }) => (404, code::NOT_FOUND),
+            Self::Route(RouteError::PinningDisabled { .. }) => (400, code::FAILED_PRECONDITION),
+            Self::BadRequest(_) => (400, code::INVALID_ARGUMENT),
+            Self::BodyTooLarge { .. } => (413, code::RESOURCE_EXHAUSTED),
+            Self::Unsupported(_) => (501, code::UNIMPLEMENTED),
+            Self::NoTarget { .. } => (503, code::UNAVAILABLE),
+            Self::Deadline { .. } => (504, code::DEADLINE_EXCEEDED),
+            Self::Upstream { code: c, .. } => (http_status(*c), *c),
+            Self::UpstreamFailed { .. } => (502, code::UNAVAILABLE),
+        };
+        Rescued {
+            http,
+            grpc,
+            message: self.to_string(),
+        }
+    }
+
+    /// The `result` label of the request metrics.
+    pub(crate) fn outcome(&self) -> Outcome {
+        match self {
+            Self::NoTarget { .. } => Outcome::Unavailable,
+            Self::Deadline { .. } => Outcome::DeadlineExceeded,
+            Self::UpstreamFailed { .. } => Outcome::UpstreamError,
+            Self::Upstream { code: c, .. } if is_upstream_failure(*c) => Outcome::UpstreamError,
+            _ => Outcome::ClientError,
+        }
+    }
+}
+
+/// Statuses that say the backend, not the request, is at fault: they count against the
+/// breaker and may be retried on idempotent routes.
+pub(crate) fn is_upstream_failure(grpc: i32) -> bool {
+    matches!(
+        grpc,
+        code::UNAVAILABLE
+            | code::INTERNAL
+            | code::UNKNOWN
+            | code::DEADLINE_EXCEEDED
+            | code::CANCELLED
+    )
+}
+
+/// The HTTP status KServe v2 REST uses for a gRPC code.
+pub(crate) fn http_status(grpc: i32) -> u16 {
+    match grpc {
+        code::OK => 200,
+        code::INVALID_ARGUMENT | code::FAILED_PRECONDITION => 400,
+        code::NOT_FOUND => 404,
+        code::RESOURCE_EXHAUSTED => 429,
+        code::UNIMPLEMENTED => 501,
+        code::UNAVAILABLE => 503,
+        code::DEADLINE_EXCEEDED => 504,
+        _ => 500,
+    }
+}

@@ -1,0 +1,123 @@
+//! The admin API (loopback by default): `/metrics`, `GET /admin/policy`,
+//! `POST /admin/reload` (bearer token), `GET /admin/targets`, and the health endpoints.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use pingora_proxy::Session;
+use serde_json::json;
+
+use super::{Said, respond};
+use crate::Shared;
+
+/// Serves one admin request.
+pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
+    let method = session.req_header().method.clone();
+    let path = session.req_header().uri.path().to_owned();
+    let snapshot = shared.snapshot.load_full();
+    let said = Said {
+        policy: Some(snapshot.version_header.clone()),
+        ..Default::default()
+    };
+    let json_reply = |status: u16, v: serde_json::Value| {
+        (status, "application/json", Bytes::from(v.to_string()))
+    };
+    let (status, content_type, body) = match (method.as_str(), path.as_str()) {
+        ("GET", "/metrics") => (
+            200,
+            "text/plain; version=0.0.4",
+            Bytes::from(shared.metrics.render()),
+        ),
+        ("GET", "/v2/health/live") => json_reply(200, json!({ "live": true })),
+        ("GET", "/v2/health/ready") => {
+            let ready = shared.is_ready();
+            json_reply(if ready { 200 } else { 503 }, json!({ "ready": ready }))
+        }
+        ("GET", "/admin/policy") => {
+            let last = shared.last_reload.load();
+            let last = last.as_ref().as_ref().map(|r| {
+                json!({
+                    "at": r.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    "trigger": r.trigger,
+                    "result": if r.version.is_some() { "ok" } else { "error" },
+                    "version": r.version,
+                    "errors": r.errors,
+                })
+            });
+            let mut routes: Vec<&str> = snapshot.routes.keys().map(|k| &**k).collect();
+            routes.sort_unstable();
+            json_reply(
+                200,
+                json!({
+                    "version": snapshot.version,
+                    "loaded_at": snapshot.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    "policies": shared.config.policies.display().to_string(),
+                    "files": snapshot.files,
+                    "routes": routes,
+                    "last_reload": last,
+                }),
+            )
+        }
+        ("GET", "/admin/targets") => {
+            let mut rows = Vec::new();
+            for entry in snapshot.routes.values() {
+                for (i, t) in entry.targets.iter().enumerate() {
+                    let spec = &entry.route.targets[i];
+                    rows.push(json!({
+                        "route": &*entry.route.name,
+                        "target": &*spec.name,
+                        "backend": &*spec.backend,
+                        "model": &*spec.model,
+                        "version": &*spec.version,
+                        "breaker": t.state.breaker.state().name(),
+                        "available": t.state.available(&t.pool),
+                        "endpoints": t.pool.endpoints.iter().map(|e| json!({ "address": e.address, "healthy": e.is_healthy() })).collect::<Vec<_>>(),
+                    }));
+                }
+            }
+            json_reply(200, json!({ "targets": rows }))
+        }
+        ("POST", "/admin/reload") => match &shared.admin_token {
+            None => json_reply(
+                403,
+                json!({ "error": "POST /admin/reload is disabled: set admin.token_env in gateway.yaml and export that variable" }),
+            ),
+            Some(token) => {
+                let given = session
+                    .req_header()
+                    .headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                    json_reply(401, json!({ "error": "missing or wrong bearer token" }))
+                } else {
+                    match shared.reload("admin API").await {
+                        Ok(version) => {
+                            json_reply(200, json!({ "result": "ok", "version": version }))
+                        }
+                        Err(d) => json_reply(
+                            422,
+                            json!({
+                                "result": "error",
+                                "version": shared.snapshot.load().version,
+                                "errors": d.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            }),
+                        ),
+                    }
+                }
+            }
+        },
+        _ => json_reply(
+            404,
+            json!({ "error": format!("no admin endpoint {method} {path}") }),
+        ),
+    };
+    respond(session, status, content_type, &said, &[], body).await;
+}
+
+/// Compares tokens without an early exit, so timing says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

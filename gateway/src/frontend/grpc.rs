@@ -1,0 +1,188 @@
+//! The gRPC frontend (`inference.GRPCInferenceService` over h2c): reads the unary request,
+//! answers health and server metadata itself, sends route-level calls through `models`,
+//! and writes the reply with `grpc-status` trailers.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::HeaderMap;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use prost::Message;
+use switchyard_proto::inference::{
+    ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ServerLiveResponse, ServerMetadataResponse, ServerReadyResponse,
+};
+use tokio::time::Instant;
+
+use super::{Said, models, read_body};
+use crate::Shared;
+use crate::error::GatewayError;
+use crate::upstream::client::{parse_grpc_timeout, percent_encode, unframe};
+use crate::wire::split_infer_request;
+
+const SERVICE: &str = "/inference.GRPCInferenceService/";
+const PROTOCOL: usize = 0;
+
+/// Serves one gRPC request to completion.
+pub(crate) async fn serve(shared: &Shared, session: &mut Session) {
+    let start = Instant::now();
+    let snapshot = shared.snapshot.load_full();
+    let mut said = Said {
+        policy: Some(snapshot.version_header.clone()),
+        ..Default::default()
+    };
+    let _in_flight = shared.in_flight(PROTOCOL);
+    if !session.is_http2() {
+        let body = Bytes::from_static(
+            b"this port speaks gRPC: HTTP/2 with prior knowledge (h2c); use port 8000 for REST\n",
+        );
+        super::respond(session, 426, "text/plain", &said, &[], body).await;
+        return;
+    }
+    let result = handle(shared, &snapshot, session, start, &mut said).await;
+    match result {
+        Ok(message) => write_ok(session, &said, message).await,
+        Err(e) => write_error(session, &said, &e).await,
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    snapshot: &crate::snapshot::Snapshot,
+    session: &mut Session,
+    start: Instant,
+    said: &mut Said,
+) -> Result<Bytes, GatewayError> {
+    let path = session.req_header().uri.path().to_owned();
+    let Some(method) = path.strip_prefix(SERVICE) else {
+        return Err(GatewayError::Unsupported(format!(
+            "unknown gRPC service or method '{path}'; the gateway serves inference.GRPCInferenceService"
+        )));
+    };
+    let body = read_body(session, shared.config.limits.max_body_bytes.0).await?;
+    let message = unframe(body).map_err(GatewayError::BadRequest)?;
+    let headers: &HeaderMap = &session.req_header().headers;
+    let bad = |what: &str, e: prost::DecodeError| {
+        GatewayError::BadRequest(format!("cannot decode {what}: {e}"))
+    };
+    match method {
+        "ModelInfer" => {
+            let msg = split_infer_request(&message).map_err(GatewayError::BadRequest)?;
+            let deadline = headers
+                .get("grpc-timeout")
+                .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
+            models::infer(
+                shared, snapshot, headers, msg, deadline, PROTOCOL, start, said,
+            )
+            .await
+        }
+        "ServerLive" => Ok(encode(&ServerLiveResponse { live: true })),
+        "ServerReady" => Ok(encode(&ServerReadyResponse {
+            ready: shared.is_ready(),
+        })),
+        "ServerMetadata" => Ok(encode(&ServerMetadataResponse {
+            name: "switchyard-gateway".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: vec![
+                "model_configuration".to_owned(),
+                "statistics".to_owned(),
+                "parameters".to_owned(),
+            ],
+        })),
+        "ModelReady" => {
+            let req =
+                ModelReadyRequest::decode(message).map_err(|e| bad("ModelReadyRequest", e))?;
+            let ready = models::ready(shared, snapshot, &req.name, &req.version, said).await;
+            Ok(encode(&ModelReadyResponse { ready }))
+        }
+        "ModelMetadata" => {
+            let req = ModelMetadataRequest::decode(message)
+                .map_err(|e| bad("ModelMetadataRequest", e))?;
+            Ok(encode(
+                &models::metadata(shared, snapshot, &req.name, &req.version, said).await?,
+            ))
+        }
+        "ModelConfig" => {
+            let req =
+                ModelConfigRequest::decode(message).map_err(|e| bad("ModelConfigRequest", e))?;
+            Ok(encode(
+                &models::config(shared, snapshot, &req.name, &req.version, said).await?,
+            ))
+        }
+        "ModelStatistics" => {
+            let req = ModelStatisticsRequest::decode(message)
+                .map_err(|e| bad("ModelStatisticsRequest", e))?;
+            Ok(encode(
+                &models::statistics(shared, snapshot, &req.name, &req.version).await?,
+            ))
+        }
+        other => Err(GatewayError::Unsupported(format!(
+            "the gateway does not serve {other}; call a backend directly for repository control and streaming"
+        ))),
+    }
+}
+
+fn encode(m: &impl Message) -> Bytes {
+    Bytes::from(m.encode_to_vec())
+}
+
+fn response_header(said: &Said) -> Option<ResponseHeader> {
+    let mut resp = ResponseHeader::build(200, Some(5)).ok()?;
+    resp.insert_header("content-type", "application/grpc")
+        .ok()?;
+    said.apply(&mut resp);
+    Some(resp)
+}
+
+async fn write_ok(session: &mut Session, said: &Said, message: Bytes) {
+    let Some(resp) = response_header(said) else {
+        return;
+    };
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut frame = BytesMut::with_capacity(5);
+    frame.put_u8(0);
+    frame.put_u32(message.len() as u32);
+    if session
+        .write_response_body(Some(frame.freeze()), false)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if !message.is_empty()
+        && session
+            .write_response_body(Some(message), false)
+            .await
+            .is_err()
+    {
+        return;
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let _ = session.write_response_trailers(trailers).await;
+}
+
+async fn write_error(session: &mut Session, said: &Said, error: &GatewayError) {
+    let rescued = error.rescue();
+    let Some(resp) = response_header(said) else {
+        return;
+    };
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(rescued.grpc));
+    if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&rescued.message)) {
+        trailers.insert("grpc-message", v);
+    }
+    let _ = session.write_response_trailers(trailers).await;
+}

@@ -1,0 +1,110 @@
+//! The downstream side: reading requests from pingora sessions and writing responses, for
+//! the gRPC (`grpc.rs`) and REST (`rest.rs`) frontends and the admin API (`admin.rs`).
+
+pub(crate) mod admin;
+pub(crate) mod grpc;
+pub(crate) mod json;
+pub(crate) mod models;
+pub(crate) mod rest;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+use crate::error::GatewayError;
+
+/// Response headers that say what the gateway did.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Said {
+    pub(crate) route: Option<HeaderValue>,
+    pub(crate) target: Option<HeaderValue>,
+    pub(crate) policy: Option<HeaderValue>,
+}
+
+impl Said {
+    pub(crate) fn apply(&self, resp: &mut ResponseHeader) {
+        for (name, value) in [
+            ("x-switchyard-route", &self.route),
+            ("x-switchyard-target", &self.target),
+            ("x-switchyard-policy", &self.policy),
+        ] {
+            if let Some(v) = value {
+                let _ = resp.insert_header(name, v.clone());
+            }
+        }
+    }
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+pub(crate) async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+    if let Some(len) = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit
+    {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    // A body that arrives in one chunk (the usual case) is kept as is, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut total = 0u64;
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                total += chunk.len() as u64;
+                if total > limit {
+                    return Err(GatewayError::BodyTooLarge { limit });
+                }
+                match (first.take(), joined.as_mut()) {
+                    (_, Some(all)) => all.extend_from_slice(&chunk),
+                    (None, None) => first = Some(chunk),
+                    (Some(f), None) => {
+                        let mut all = BytesMut::with_capacity(f.len() + chunk.len());
+                        all.extend_from_slice(&f);
+                        all.extend_from_slice(&chunk);
+                        joined = Some(all);
+                    }
+                }
+            }
+            Ok(None) => return Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default()),
+            Err(e) => {
+                return Err(GatewayError::BadRequest(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// Writes a complete HTTP response.
+pub(crate) async fn respond(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    said: &Said,
+    extra: &[(&str, String)],
+    body: Bytes,
+) {
+    let Ok(mut resp) = ResponseHeader::build(status, Some(4 + extra.len())) else {
+        return;
+    };
+    let _ = resp.insert_header("content-type", content_type);
+    let _ = resp.insert_header("content-length", body.len().to_string());
+    for (k, v) in extra {
+        let _ = resp.insert_header(k.to_string(), v.as_str());
+    }
+    said.apply(&mut resp);
+    if session
+        .write_response_header(Box::new(resp), body.is_empty())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if !body.is_empty() {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}

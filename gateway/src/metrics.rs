@@ -1,0 +1,304 @@
+//! The gateway's Prometheus metrics. Families are registered once; label sets for routes
+//! and targets are resolved when a snapshot is built, so the request path only adds to
+//! counters it already holds.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::upstream::breaker::BreakerMetrics;
+
+/// Protocol label values.
+pub(crate) const PROTOCOLS: [&str; 2] = ["grpc", "rest"];
+
+/// How a request ended, for `switchyard_requests_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Ok = 0,
+    ClientError = 1,
+    UpstreamError = 2,
+    Unavailable = 3,
+    DeadlineExceeded = 4,
+}
+
+impl Outcome {
+    pub(crate) const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::ClientError,
+        Outcome::UpstreamError,
+        Outcome::Unavailable,
+        Outcome::DeadlineExceeded,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::UpstreamError => "upstream_error",
+            Self::Unavailable => "unavailable",
+            Self::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+/// How one upstream attempt ended, for `switchyard_upstream_attempts_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    Ok = 0,
+    /// The backend answered with a client error (counted healthy).
+    Rejected = 1,
+    /// The backend answered UNAVAILABLE, INTERNAL and the like.
+    Failed = 2,
+    ConnectError = 3,
+    TransportError = 4,
+    Timeout = 5,
+    /// Skipped: the breaker is open.
+    BreakerOpen = 6,
+}
+
+impl Attempt {
+    pub(crate) const ALL: [Attempt; 7] = [
+        Attempt::Ok,
+        Attempt::Rejected,
+        Attempt::Failed,
+        Attempt::ConnectError,
+        Attempt::TransportError,
+        Attempt::Timeout,
+        Attempt::BreakerOpen,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+            Self::ConnectError => "connect_error",
+            Self::TransportError => "transport_error",
+            Self::Timeout => "timeout",
+            Self::BreakerOpen => "breaker_open",
+        }
+    }
+}
+
+/// All metric families.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    attempts: IntCounterVec,
+    retries: IntCounterVec,
+    pub(crate) retry_budget_exhausted: IntCounter,
+    breaker_state: IntGaugeVec,
+    breaker_transitions: IntCounterVec,
+    pub(crate) endpoint_healthy: IntGaugeVec,
+    pub(crate) target_ready: IntGaugeVec,
+    reloads: IntCounterVec,
+    pub(crate) policy_version: IntGauge,
+    pub(crate) in_flight: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let v = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(v.clone()))
+        .expect("unique metric");
+    v
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(v.clone()))
+        .expect("unique metric");
+    v
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from request to response, by route and target",
+            )
+            .buckets(vec![
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                10.0,
+            ]),
+            &["route", "target", "protocol"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(duration.clone()))
+            .expect("unique metric");
+        let budget = IntCounter::new(
+            "switchyard_retry_budget_exhausted_total",
+            "Retries not made because the retry budget was spent",
+        )
+        .expect("valid metric");
+        r.register(Box::new(budget.clone())).expect("unique metric");
+        let version = IntGauge::new(
+            "switchyard_policy_version",
+            "Version of the policy snapshot in force",
+        )
+        .expect("valid metric");
+        r.register(Box::new(version.clone()))
+            .expect("unique metric");
+        Self {
+            requests: counter(
+                &r,
+                "switchyard_requests_total",
+                "Requests by route, target, protocol and result",
+                &["route", "target", "protocol", "result"],
+            ),
+            attempts: counter(
+                &r,
+                "switchyard_upstream_attempts_total",
+                "Upstream attempts by route, target and outcome",
+                &["route", "target", "outcome"],
+            ),
+            retries: counter(
+                &r,
+                "switchyard_retries_total",
+                "Retries and fallbacks by route and reason",
+                &["route", "reason"],
+            ),
+            breaker_state: gauge(
+                &r,
+                "switchyard_breaker_state",
+                "Circuit breaker state per target: 0 closed, 1 open, 2 half-open",
+                &["target"],
+            ),
+            breaker_transitions: counter(
+                &r,
+                "switchyard_breaker_transitions_total",
+                "Circuit breaker transitions per target",
+                &["target", "to"],
+            ),
+            endpoint_healthy: gauge(
+                &r,
+                "switchyard_endpoint_healthy",
+                "Health-check state per backend endpoint: 1 in rotation",
+                &["backend", "endpoint"],
+            ),
+            target_ready: gauge(
+                &r,
+                "switchyard_target_ready",
+                "ModelReady of each target on its backend pool",
+                &["target"],
+            ),
+            reloads: counter(
+                &r,
+                "switchyard_policy_reload_total",
+                "Policy reloads by result",
+                &["result"],
+            ),
+            in_flight: gauge(
+                &r,
+                "switchyard_requests_in_flight",
+                "Requests being served, by protocol",
+                &["protocol"],
+            ),
+            duration,
+            retry_budget_exhausted: budget,
+            policy_version: version,
+            registry: r,
+        }
+    }
+
+    /// The registry, for `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+
+    pub(crate) fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub(crate) fn breaker(&self, target: &str) -> BreakerMetrics {
+        BreakerMetrics {
+            state: self.breaker_state.with_label_values(&[target]),
+            opened: self
+                .breaker_transitions
+                .with_label_values(&[target, "open"]),
+            half_opened: self
+                .breaker_transitions
+                .with_label_values(&[target, "half_open"]),
+            closed: self
+                .breaker_transitions
+                .with_label_values(&[target, "closed"]),
+        }
+    }
+
+    /// Handles for one (route, target) pair; `target` is `-` before a target is chosen.
+    pub(crate) fn target(&self, route: &str, target: &str) -> TargetMetrics {
+        TargetMetrics {
+            requests: PROTOCOLS.map(|p| {
+                Outcome::ALL.map(|o| {
+                    self.requests
+                        .with_label_values(&[route, target, p, o.label()])
+                })
+            }),
+            duration: PROTOCOLS.map(|p| self.duration.with_label_values(&[route, target, p])),
+            attempts: Attempt::ALL
+                .map(|a| self.attempts.with_label_values(&[route, target, a.label()])),
+        }
+    }
+
+    pub(crate) fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            unrouted: self.target(route, "-"),
+            retry_connect: self.retries.with_label_values(&[route, "connect_failure"]),
+            retry_after_send: self.retries.with_label_values(&[route, "after_send"]),
+            fallback_breaker: self.retries.with_label_values(&[route, "breaker_open"]),
+            budget_exhausted: self.retry_budget_exhausted.clone(),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Handles of one (route, target).
+#[derive(Debug, Clone)]
+pub(crate) struct TargetMetrics {
+    requests: [[IntCounter; 5]; 2],
+    duration: [Histogram; 2],
+    attempts: [IntCounter; 7],
+}
+
+impl TargetMetrics {
+    pub(crate) fn finish(&self, protocol: usize, outcome: Outcome, seconds: f64) {
+        self.requests[protocol][outcome as usize].inc();
+        self.duration[protocol].observe(seconds);
+    }
+
+    pub(crate) fn attempt(&self, a: Attempt) {
+        self.attempts[a as usize].inc();
+    }
+}
+
+/// Handles of one route.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteMetrics {
+    /// Requests that failed before a target was chosen.
+    pub(crate) unrouted: TargetMetrics,
+    pub(crate) retry_connect: IntCounter,
+    pub(crate) retry_after_send: IntCounter,
+    pub(crate) fallback_breaker: IntCounter,
+    pub(crate) budget_exhausted: IntCounter,
+}

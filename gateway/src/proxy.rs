@@ -1,0 +1,53 @@
+//! The pingora side: one `ProxyHttp` per listener. Every request is answered in
+//! `request_filter` by the frontend for that port, so the proxy phases after it never run:
+//! the gateway terminates KServe v2 calls and makes its own upstream calls (see
+//! `upstream::client` for why).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorType, Result};
+use pingora_proxy::{ProxyHttp, Session};
+
+use crate::Shared;
+use crate::frontend::{admin, grpc, rest};
+
+/// Which frontend a listener runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Port {
+    Rest,
+    Grpc,
+    Admin,
+}
+
+/// The `ProxyHttp` of one listener.
+#[derive(Debug)]
+pub(crate) struct Frontend {
+    pub(crate) port: Port,
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ProxyHttp for Frontend {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+        match self.port {
+            Port::Grpc => grpc::serve(&self.shared, session).await,
+            Port::Rest => rest::serve(&self.shared, session).await,
+            Port::Admin => admin::serve(&self.shared, session).await,
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        // Invariant: request_filter always answers, so pingora never asks for a peer.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "every request is answered by the frontend",
+        )
+    }
+}

@@ -1,0 +1,366 @@
+//! A circuit breaker per target (a model version on a backend pool).
+//!
+//! States, in the usual sense of the words:
+//! * `Closed`: traffic flows; consecutive upstream failures are counted, and reaching
+//!   `consecutive_failures` opens the breaker.
+//! * `Open`: requests are refused until the cooldown ends. The cooldown is
+//!   `base_ejection × n` where n counts openings that follow each other (the target failed
+//!   again within `max_ejection` of recovering), capped at `max_ejection` (Envoy's
+//!   outlier-detection rule).
+//! * `HalfOpen`: after the cooldown, up to `half_open_probes` requests are let through;
+//!   that many successes close the breaker, one failure opens it again.
+//!
+//! Only upstream failures count (connect errors, timeouts, UNAVAILABLE/INTERNAL and the
+//! like); a client's bad request is a success as far as the backend's health goes.
+//! All state is atomics: the request path never takes a lock. Time comes from
+//! `tokio::time::Instant`, so tests drive it with paused time.
+
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::AcqRel, Ordering::Acquire};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// Breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BreakerSettings {
+    /// Consecutive failures that open the breaker.
+    pub(crate) consecutive_failures: u32,
+    /// First cooldown.
+    pub(crate) base_ejection: Duration,
+    /// Longest cooldown.
+    pub(crate) max_ejection: Duration,
+    /// Probes admitted while half-open, and successes needed to close.
+    pub(crate) half_open_probes: u32,
+}
+
+/// The breaker's state, as metrics and the admin API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Traffic flows.
+    Closed = 0,
+    /// Rejecting until the cooldown ends.
+    Open = 1,
+    /// Letting probes through.
+    HalfOpen = 2,
+}
+
+impl State {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Open,
+            2 => Self::HalfOpen,
+            _ => Self::Closed,
+        }
+    }
+
+    /// Lowercase name for logs, metrics and JSON.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// What `admit` granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// A normal request (breaker closed).
+    Normal,
+    /// A half-open probe; its outcome decides the state.
+    Probe,
+}
+
+/// Metric handles of one breaker.
+#[derive(Debug, Clone)]
+pub(crate) struct BreakerMetrics {
+    pub(crate) state: IntGauge,
+    pub(crate) opened: IntCounter,
+    pub(crate) half_opened: IntCounter,
+    pub(crate) closed: IntCounter,
+}
+
+/// One breaker.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    name: String,
+    settings: BreakerSettings,
+    epoch: Instant,
+    state: AtomicU8,
+    failures: AtomicU32,
+    /// Openings in the current streak.
+    streak: AtomicU32,
+    /// Milliseconds since `epoch`: end of the cooldown while open; when it last closed
+    /// while closed.
+    mark_ms: AtomicU64,
+    probes_in_flight: AtomicU32,
+    probe_successes: AtomicU32,
+    metrics: Option<BreakerMetrics>,
+}
+
+impl Breaker {
+    /// A closed breaker without metrics.
+    #[cfg(test)]
+    pub(crate) fn new(name: impl Into<String>, settings: BreakerSettings) -> Self {
+        Self::with_metrics(name, settings, None)
+    }
+
+    pub(crate) fn with_metrics(
+        name: impl Into<String>,
+        settings: BreakerSettings,
+        metrics: Option<BreakerMetrics>,
+    ) -> Self {
+        if let Some(m) = &metrics {
+            m.state.set(State::Closed as i64);
+        }
+        Self {
+            name: name.into(),
+            settings,
+            epoch: Instant::now(),
+            state: AtomicU8::new(State::Closed as u8),
+            failures: AtomicU32::new(0),
+            streak: AtomicU32::new(0),
+            mark_ms: AtomicU64::new(0),
+            probes_in_flight: AtomicU32::new(0),
+            probe_successes: AtomicU32::new(0),
+            metrics,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64
+    }
+
+    /// The current state (an Open breaker whose cooldown has ended reports HalfOpen).
+    pub(crate) fn state(&self) -> State {
+        let s = State::from_u8(self.state.load(Acquire));
+        if s == State::Open && self.now_ms() >= self.mark_ms.load(Acquire) {
+            State::HalfOpen
+        } else {
+            s
+        }
+    }
+
+    /// Whether a request could be admitted now (what routing uses to skip targets).
+    pub(crate) fn available(&self) -> bool {
+        match self.state() {
+            State::Closed => true,
+            State::Open => false,
+            State::HalfOpen => self.probes_in_flight.load(Acquire) < self.settings.half_open_probes,
+        }
+    }
+
+    /// Asks to send a request; `None` means refused.
+    pub(crate) fn admit(&self) -> Option<Admission> {
+        loop {
+            match State::from_u8(self.state.load(Acquire)) {
+                State::Closed => return Some(Admission::Normal),
+                State::Open => {
+                    if self.now_ms() < self.mark_ms.load(Acquire) {
+                        return None;
+                    }
+                    // Cooldown over: the first to notice moves the breaker to HalfOpen.
+                    if self
+                        .state
+                        .compare_exchange(State::Open as u8, State::HalfOpen as u8, AcqRel, Acquire)
+                        .is_ok()
+                    {
+                        self.probes_in_flight
+                            .store(0, std::sync::atomic::Ordering::Release);
+                        self.probe_successes
+                            .store(0, std::sync::atomic::Ordering::Release);
+                        self.transition(State::HalfOpen);
+                    }
+                }
+                State::HalfOpen => {
+                    let limit = self.settings.half_open_probes;
+                    let got = self
+                        .probes_in_flight
+                        .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1));
+                    return got.ok().map(|_| Admission::Probe);
+                }
+            }
+        }
+    }
+
+    /// Reports an admitted request's outcome: `true` when the upstream was healthy.
+    pub(crate) fn record(&self, admission: Admission, healthy: bool) {
+        match admission {
+            Admission::Normal => {
+                if healthy {
+                    self.failures.store(0, std::sync::atomic::Ordering::Release);
+                } else {
+                    let n = self.failures.fetch_add(1, AcqRel) + 1;
+                    if n >= self.settings.consecutive_failures {
+                        self.open(State::Closed);
+                    }
+                }
+            }
+            Admission::Probe => {
+                self.probes_in_flight.fetch_sub(1, AcqRel);
+                if !healthy {
+                    self.open(State::HalfOpen);
+                } else if self.probe_successes.fetch_add(1, AcqRel) + 1
+                    >= self.settings.half_open_probes
+                    && self
+                        .state
+                        .compare_exchange(
+                            State::HalfOpen as u8,
+                            State::Closed as u8,
+                            AcqRel,
+                            Acquire,
+                        )
+                        .is_ok()
+                {
+                    self.failures.store(0, std::sync::atomic::Ordering::Release);
+                    self.mark_ms
+                        .store(self.now_ms(), std::sync::atomic::Ordering::Release);
+                    self.transition(State::Closed);
+                }
+            }
+        }
+    }
+
+    /// Gives back a probe whose request never reached the target (the deadline ran out
+    /// before it was sent, say): it says nothing about the target's health.
+    pub(crate) fn release(&self, admission: Admission) {
+        if admission == Admission::Probe {
+            self.probes_in_flight.fetch_sub(1, AcqRel);
+        }
+    }
+
+    fn open(&self, from: State) {
+        if self
+            .state
+            .compare_exchange(from as u8, State::Open as u8, AcqRel, Acquire)
+            .is_err()
+        {
+            return; // another request already moved it
+        }
+        let now = self.now_ms();
+        let closed_at = self.mark_ms.load(Acquire);
+        let max = self.settings.max_ejection;
+        // A target that fails again soon after recovering gets a longer cooldown.
+        let streak = if from == State::Closed
+            && Duration::from_millis(now.saturating_sub(closed_at)) > max
+        {
+            self.streak.store(1, std::sync::atomic::Ordering::Release);
+            1
+        } else {
+            self.streak.fetch_add(1, AcqRel) + 1
+        };
+        let cooldown = self.settings.base_ejection.saturating_mul(streak).min(max);
+        self.mark_ms.store(
+            now + cooldown.as_millis() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+        self.failures.store(0, std::sync::atomic::Ordering::Release);
+        warn!(target = %self.name, ?cooldown, openings = streak, "circuit breaker opened");
+        self.transition(State::Open);
+    }
+
+    fn transition(&self, to: State) {
+        if to != State::Open {
+            info!(target = %self.name, state = to.name(), "circuit breaker state");
+        }
+        if let Some(m) = &self.metrics {
+            m.state.set(to as i64);
+            match to {
+                State::Open => m.opened.inc(),
+                State::HalfOpen => m.half_opened.inc(),
+                State::Closed => m.closed.inc(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BreakerSettings {
+        BreakerSettings {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            half_open_probes: 2,
+        }
+    }
+
+    fn fail(b: &Breaker, n: u32) {
+        for _ in 0..n {
+            let a = b.admit().expect("admitted");
+            b.record(a, false);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_only() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 2);
+        let a = b.admit().unwrap();
+        b.record(a, true); // a success resets the count
+        fail(&b, 2);
+        assert_eq!(b.state(), State::Closed);
+        fail(&b, 1);
+        assert_eq!(b.state(), State::Open);
+        assert!(b.admit().is_none());
+        assert!(!b.available());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_bounded_probes_and_closes_on_success() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(b.admit().is_none(), "still cooling down");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.state(), State::HalfOpen);
+        let p1 = b.admit().unwrap();
+        let p2 = b.admit().unwrap();
+        assert_eq!((p1, p2), (Admission::Probe, Admission::Probe));
+        assert!(b.admit().is_none(), "only two probes at a time");
+        b.record(p1, true);
+        assert_eq!(b.state(), State::HalfOpen);
+        b.record(p2, true);
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.admit(), Some(Admission::Normal));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_openings_grow_the_cooldown_up_to_the_cap() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        let mut expected = Duration::from_secs(30);
+        for _ in 0..12 {
+            tokio::time::advance(expected - Duration::from_millis(1)).await;
+            assert!(b.admit().is_none(), "open for {expected:?}");
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let probe = b.admit().expect("half-open after the cooldown");
+            b.record(probe, false); // the probe fails: open again, longer
+            expected = (expected + Duration::from_secs(30)).min(Duration::from_secs(300));
+        }
+        assert_eq!(expected, Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_healthy_period_resets_the_streak() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        for _ in 0..2 {
+            let p = b.admit().unwrap();
+            b.record(p, true);
+        }
+        assert_eq!(b.state(), State::Closed);
+        tokio::time::advance(Duration::from_secs(301)).await;
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.state(), State::HalfOpen, "back to the base cooldown");
+    }
+}

@@ -1,0 +1,185 @@
+//! The gateway as its users run it: `switchyard gateway` (SIGHUP reload, SIGTERM exit 0),
+//! `switchyard check` (exit status and every problem printed) and `switchyard explain`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::gateway::*;
+use common::*;
+
+fn switchyard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_sigterm_exits_zero() {
+    let backend = TestBackend::start(&sample_repo()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy = |default: &str| {
+        format!(
+            "version: 1\nroute: digits\ntargets:\n  v1: {{ backend: stable, model: digits_mlp, version: 1 }}\n  v2: {{ backend: stable, model: digits_mlp, version: 2 }}\ndefault: {default}\n"
+        )
+    };
+    std::fs::write(dir.path().join("policies/digits.yaml"), policy("v1")).unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  stable: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n", backend.addr),
+    )
+    .unwrap();
+    let mut child = switchyard()
+        .args(["gateway", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = |key: &str| -> std::net::SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    let (grpc, http_addr) = (addr("grpc="), addr("http="));
+    let mut client = client(grpc).await;
+    let target = |resp: &tonic::Response<_>| {
+        resp.metadata()
+            .get("x-switchyard-target")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let resp = client
+        .model_infer(infer_request("digits", "", &holdout().features[..1]))
+        .await
+        .unwrap();
+    assert_eq!(target(&resp), "digits_mlp/1");
+
+    std::fs::write(dir.path().join("policies/digits.yaml"), policy("v2")).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut reloaded = false;
+    for _ in 0..100 {
+        let resp = client
+            .model_infer(infer_request("digits", "", &holdout().features[..1]))
+            .await
+            .unwrap();
+        if target(&resp) == "digits_mlp/2" {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "SIGHUP reloaded the policies");
+    let r = http(http_addr, "GET", "/v2/health/ready", &[], b"").await;
+    assert_eq!(r.header("x-switchyard-policy"), Some("2"));
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn check_prints_every_problem_and_fails() {
+    let ok = switchyard()
+        .args(["check", "--config", "config/gateway.yaml"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok, "));
+
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["zero-weight.yaml", "bad-regex.yaml", "unknown-backend.yaml"] {
+        std::fs::copy(
+            root().join("tests/policies/invalid").join(name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    let bad = switchyard()
+        .args(["check", "--config", "config/gateway.yaml"])
+        .arg(dir.path())
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    for words in [
+        "zero-weight.yaml:8:",
+        "got 0",
+        "bad-regex.yaml:",
+        "invalid regex",
+        "unknown backend 'gpu'",
+        "3 problem(s)",
+    ] {
+        assert!(stderr.contains(words), "{words:?} missing from:\n{stderr}");
+    }
+}
+
+#[test]
+fn explain_says_which_target_and_why() {
+    let out = switchyard()
+        .args(["explain", "digits", "-H", "x-user-id: qa-7"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rule 1: x-user-id starts with \"qa-\" [yes] -> MATCHES"),
+        "{text}"
+    );
+    assert!(
+        text.contains("target mlp-v2: model digits_mlp version 2 on backend canary"),
+        "{text}"
+    );
+    let out = switchyard()
+        .args(["explain", "digits", "-H", "x-user-id:alice"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("sticky on x-user-id: 'alice' always gets the same target"),
+        "{text}"
+    );
+    let out = switchyard()
+        .args(["explain", "nope"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no route 'nope'"));
+}
