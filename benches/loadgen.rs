@@ -1,12 +1,18 @@
 //! Closed-loop gRPC load generator for Switchyard: fixed concurrency, warm-up, duration;
 //! reports throughput and p50/p90/p99 latency (HDR histograms), side by side in one run.
 //!
-//! Scenario `backend` (the default): `digits_mlp` batch 1 against `switchyard backend`
-//! (the release binary, started here on an ephemeral port) at each concurrency, then the
-//! in-process runtime throughput at every batch size, whose best is the ceiling a server
-//! can approach; the ratio server / in-process is printed.
+//! Scenarios (`--scenario`, default `all`):
+//! * `backend`: `digits_mlp` batch 1 against `switchyard backend` (the release binary,
+//!   started here on an ephemeral port) at each concurrency, then the in-process runtime
+//!   at every batch size, whose best is the ceiling a server can approach; prints the
+//!   ratio server / in-process.
+//! * `proxies`: the same load against (a) the backend directly, (b) `switchyard gateway`
+//!   with a single-target route, (c) nginx `grpc_pass` (Debian's nginx, config in
+//!   `benches/nginx-grpc.conf`), interleaved per concurrency; prints gateway/direct and
+//!   gateway/nginx for throughput and latency. nginx missing: its column is skipped.
 //!
-//! Run: `cargo bench --bench loadgen -- [--duration 5] [--warmup 1] [--concurrency 1,8,32]`
+//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies] [--duration 5]
+//! [--warmup 1] [--concurrency 1,8,32]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
 //! compare ratios from one run, never numbers from different runs.
 
@@ -24,6 +30,7 @@ use switchyard_proto::inference::{
 use tonic::transport::Channel;
 
 struct Args {
+    scenario: String,
     duration: Duration,
     warmup: Duration,
     concurrency: Vec<usize>,
@@ -33,6 +40,7 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut args = Args {
+        scenario: "all".to_owned(),
         duration: Duration::from_secs(5),
         warmup: Duration::from_secs(1),
         concurrency: vec![1, 8, 32],
@@ -54,6 +62,7 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--model" => args.model = value(),
+            "--scenario" => args.scenario = value(),
             "--version" => args.version = value(),
             // `cargo bench` passes --bench; nothing else is expected.
             "--bench" => {}
@@ -229,6 +238,178 @@ fn in_process(repo: &Path, model: &str, version: u64, batch: usize, duration: Du
     rows as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A free loopback port (bound, read, released) for processes that cannot report theirs.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx with `grpc_pass` to `backend`, as a child process; `None` when nginx is missing.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(backend: SocketAddr, workers: usize) -> Option<Self> {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/nginx-grpc.conf"),
+        )
+        .unwrap();
+        let conf = template
+            .replace("@WORKERS@", &workers.to_string())
+            .replace("@LISTEN@", &addr.to_string())
+            .replace("@BACKEND@", &backend.to_string());
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(format!("{}/", dir.path().display()))
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Some(Self {
+                    child,
+                    addr,
+                    _dir: dir,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".to_owned()
+    }
+}
+
+fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
+    let backend = Server::start(&[
+        "backend",
+        "--model-repository",
+        repo.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let backend_addr = backend.addr("grpc");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/bench.yaml"),
+        format!("version: 1\nroute: bench\ntargets:\n  t: {{ backend: pool, model: {}, version: {} }}\ndefault: t\n", args.model, args.version),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  pool: {{ endpoints: [\"{backend_addr}\"] }}\nreload: {{ watch: false }}\n"),
+    )
+    .unwrap();
+    let gateway = Server::start(&[
+        "gateway",
+        "--config",
+        dir.path().join("gateway.yaml").to_str().unwrap(),
+    ]);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let nginx = Nginx::start(backend_addr, workers);
+    if nginx.is_none() {
+        println!("\n(nginx not found: install Debian's nginx for the peer column)");
+    }
+    let direct_req = request(&args.model, &args.version, 1);
+    let gateway_req = request("bench", "", 1);
+    println!(
+        "\nproxies: same closed-loop load, interleaved per concurrency (gateway tokio workers = nginx workers = {workers})"
+    );
+    println!(
+        "\n| target | concurrency | req/s | p50 µs | p90 µs | p99 µs | errors |\n| --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let mut summary = Vec::new();
+    for &c in &args.concurrency {
+        let direct = runtime.block_on(closed_loop(
+            backend_addr,
+            c,
+            args.warmup,
+            args.duration,
+            direct_req.clone(),
+        ));
+        println!("{}", direct.row("direct", c));
+        let gw = runtime.block_on(closed_loop(
+            gateway.addr("grpc"),
+            c,
+            args.warmup,
+            args.duration,
+            gateway_req.clone(),
+        ));
+        println!("{}", gw.row("switchyard gateway", c));
+        let ng = nginx.as_ref().map(|n| {
+            runtime.block_on(closed_loop(
+                n.addr,
+                c,
+                args.warmup,
+                args.duration,
+                direct_req.clone(),
+            ))
+        });
+        if let Some(ng) = &ng {
+            println!("{}", ng.row("nginx grpc_pass", c));
+        }
+        summary.push((c, direct, gw, ng));
+    }
+    println!(
+        "\n| concurrency | throughput gateway/direct | gateway/nginx | p50 gateway/direct | p50 gateway/nginx | p99 gateway/direct | p99 gateway/nginx | added p50 µs gateway | added p50 µs nginx |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for (c, d, g, n) in &summary {
+        let p = |r: &Report, q: f64| r.latency_us.value_at_quantile(q) as f64;
+        let (nt, n50, n99) = n
+            .as_ref()
+            .map_or((0.0, 0.0, 0.0), |n| (n.throughput(), p(n, 0.5), p(n, 0.99)));
+        println!(
+            "| {c} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            ratio(g.throughput(), d.throughput()),
+            ratio(g.throughput(), nt),
+            ratio(p(g, 0.5), p(d, 0.5)),
+            ratio(p(g, 0.5), n50),
+            ratio(p(g, 0.99), p(d, 0.99)),
+            ratio(p(g, 0.99), n99),
+            p(g, 0.5) - p(d, 0.5),
+            if n.is_some() {
+                format!("{:.0}", n50 - p(d, 0.5))
+            } else {
+                "-".to_owned()
+            },
+        );
+    }
+}
+
 fn main() {
     let args = parse_args();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("backends/model_repository");
@@ -240,6 +421,16 @@ fn main() {
         "# switchyard loadgen: {} v{} batch 1, warm-up {:?}, {:?} per point",
         args.model, args.version, args.warmup, args.duration
     );
+    if args.scenario == "proxies" || args.scenario == "all" {
+        proxies(&args, &repo, &runtime);
+    }
+    if args.scenario == "backend" || args.scenario == "all" {
+        backend_scenario(&args, &repo, &runtime);
+    }
+}
+
+fn backend_scenario(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
+    println!("\nbackend: direct gRPC, then the runtime in-process");
 
     let backend = Server::start(&[
         "backend",

@@ -75,12 +75,9 @@ impl Shared {
     }
 
     pub(crate) fn in_flight(&self, protocol: usize) -> InFlight {
-        let gauge = self
-            .metrics
-            .in_flight
-            .with_label_values(&[metrics::PROTOCOLS[protocol]]);
+        let gauge = &self.metrics.in_flight[protocol];
         gauge.inc();
-        InFlight(gauge)
+        InFlight(gauge.clone())
     }
 }
 
@@ -264,8 +261,10 @@ impl Gateway {
 }
 
 fn total_in_flight(shared: &Shared) -> i64 {
-    metrics::PROTOCOLS
+    shared
+        .metrics
+        .in_flight
         .iter()
-        .map(|p| shared.metrics.in_flight.with_label_values(&[p]).get())
+        .map(prometheus::IntGauge::get)
         .sum()
 }

@@ -96,7 +96,8 @@ pub struct Metrics {
     pub(crate) target_ready: IntGaugeVec,
     reloads: IntCounterVec,
     pub(crate) policy_version: IntGauge,
-    pub(crate) in_flight: IntGaugeVec,
+    /// By protocol, resolved once.
+    pub(crate) in_flight: [IntGauge; 2],
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -195,12 +196,15 @@ impl Metrics {
                 "Policy reloads by result",
                 &["result"],
             ),
-            in_flight: gauge(
-                &r,
-                "switchyard_requests_in_flight",
-                "Requests being served, by protocol",
-                &["protocol"],
-            ),
+            in_flight: {
+                let v = gauge(
+                    &r,
+                    "switchyard_requests_in_flight",
+                    "Requests being served, by protocol",
+                    &["protocol"],
+                );
+                PROTOCOLS.map(|p| v.with_label_values(&[p]))
+            },
             duration,
             retry_budget_exhausted: budget,
             policy_version: version,

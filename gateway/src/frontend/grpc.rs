@@ -2,8 +2,9 @@
 //! answers health and server metadata itself, sends route-level calls through `models`,
 //! and writes the reply with `grpc-status` trailers.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::HeaderMap;
+use pingora_core::protocols::http::ServerSession;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use prost::Message;
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use super::{Said, models, read_body};
 use crate::Shared;
 use crate::error::GatewayError;
-use crate::upstream::client::{parse_grpc_timeout, percent_encode, unframe};
+use crate::upstream::client::{frame, parse_grpc_timeout, percent_encode, unframe};
 use crate::wire::split_infer_request;
 
 const SERVICE: &str = "/inference.GRPCInferenceService/";
@@ -137,6 +138,25 @@ async fn write_ok(session: &mut Session, said: &Said, message: Bytes) {
     let Some(resp) = response_header(said) else {
         return;
     };
+    // The whole reply (headers, one DATA frame, trailers) is handed to h2 at once, so it
+    // leaves in one write. pingora's write_response_body first waits for flow-control
+    // capacity, which costs a scheduler round trip and a syscall per frame.
+    if let ServerSession::H2(h2) = session.as_downstream_mut()
+        && h2
+            .write_response_header(Box::new(resp.clone()), false)
+            .is_ok()
+        && let Some(mut body) = h2.take_response_body_writer()
+    {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        for (chunk, _) in frame(&[message]) {
+            if body.send_data(chunk, false).is_err() {
+                return;
+            }
+        }
+        let _ = body.send_trailers(trailers);
+        return;
+    }
     if session
         .write_response_header(Box::new(resp), false)
         .await
@@ -144,23 +164,14 @@ async fn write_ok(session: &mut Session, said: &Said, message: Bytes) {
     {
         return;
     }
-    let mut frame = BytesMut::with_capacity(5);
-    frame.put_u8(0);
-    frame.put_u32(message.len() as u32);
-    if session
-        .write_response_body(Some(frame.freeze()), false)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    if !message.is_empty()
-        && session
-            .write_response_body(Some(message), false)
+    for (chunk, _) in frame(&[message]) {
+        if session
+            .write_response_body(Some(chunk), false)
             .await
             .is_err()
-    {
-        return;
+        {
+            return;
+        }
     }
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));

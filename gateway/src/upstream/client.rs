@@ -109,17 +109,21 @@ async fn exchange(
         .map_err(connect)?;
     h2.write_request_header(Box::new(req), false)
         .map_err(connect)?;
-    let len: usize = message.iter().map(Bytes::len).sum();
-    let mut frame = BytesMut::with_capacity(5);
-    frame.put_u8(0);
-    frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    h2.write_request_body(frame.freeze(), message.is_empty())
-        .await
-        .map_err(transport)?;
-    for (i, chunk) in message.iter().enumerate() {
-        h2.write_request_body(chunk.clone(), i + 1 == message.len())
-            .await
-            .map_err(transport)?;
+    // Hand the body to h2 directly: pingora's write_request_body first waits for flow-control
+    // capacity (a scheduler round trip per frame); h2 buffers the data and sends it with
+    // the HEADERS frame when the connection task next writes.
+    let mut body = h2
+        .take_request_body_writer()
+        .ok_or_else(|| CallError::Connect {
+            endpoint: endpoint.to_owned(),
+            reason: "no request body stream".to_owned(),
+        })?;
+    for (chunk, end) in frame(message) {
+        body.send_data(chunk, end)
+            .map_err(|e| CallError::Transport {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
     }
     h2.read_response_header().await.map_err(transport)?;
     let header = h2.response_header().cloned();
@@ -150,6 +154,34 @@ async fn exchange(
         message,
         body,
     })
+}
+
+/// Below this size a message goes out as one buffer (one h2 DATA frame, one write);
+/// above it the chunks go out as they are, so large tensors are never copied.
+const COALESCE_BELOW: usize = 64 * 1024;
+
+/// The gRPC frame for `message` (a list of chunks) as body writes: `(chunk, end_of_stream)`.
+pub(crate) fn frame(message: &[Bytes]) -> Vec<(Bytes, bool)> {
+    let len: usize = message.iter().map(Bytes::len).sum();
+    let mut head = BytesMut::with_capacity(5 + if len < COALESCE_BELOW { len } else { 0 });
+    head.put_u8(0);
+    head.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    if len < COALESCE_BELOW {
+        for chunk in message {
+            head.extend_from_slice(chunk);
+        }
+        return vec![(head.freeze(), true)];
+    }
+    let mut out = Vec::with_capacity(message.len() + 1);
+    out.push((head.freeze(), false));
+    let last = message.len().saturating_sub(1);
+    out.extend(
+        message
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i == last)),
+    );
+    out
 }
 
 /// A pingora error in one line: its kind and the root cause (its `Display` nests contexts).
