@@ -465,7 +465,7 @@ fn backend_scenario(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime)
     let mut best = (0usize, 0f64);
     for batch in [1, 2, 4, 8, 16, 32, 64] {
         let rate = in_process(
-            &repo,
+            repo,
             &args.model,
             version,
             batch,
