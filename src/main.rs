@@ -165,9 +165,9 @@ async fn gateway(args: GatewayArgs) -> Result<()> {
     let listeners = switchyard_gateway::Listeners::bind(&config)?;
     println!(
         "switchyard gateway listening http={} grpc={} admin={}",
-        listeners.http.local_addr()?,
-        listeners.grpc.local_addr()?,
-        listeners.admin.local_addr()?
+        listeners.http_addr(),
+        listeners.grpc_addr(),
+        listeners.admin_addr()
     );
     spawn_sighup_reload(gateway.clone());
     gateway
@@ -222,9 +222,9 @@ async fn up(args: UpArgs) -> Result<()> {
     let gateway = switchyard_gateway::Gateway::new(config.clone())?;
     let listeners = switchyard_gateway::Listeners::bind(&config)?;
     let (http, grpc, admin) = (
-        listeners.http.local_addr()?,
-        listeners.grpc.local_addr()?,
-        listeners.admin.local_addr()?,
+        listeners.http_addr(),
+        listeners.grpc_addr(),
+        listeners.admin_addr(),
     );
     println!(
         "switchyard up listening http={http} grpc={grpc} admin={admin} backends={}",

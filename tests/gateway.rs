@@ -969,21 +969,21 @@ async fn deadlines_from_the_route_and_from_grpc_timeout() {
     )
     .await;
     assert_eq!(r.status, 504);
-    // The client's grpc-timeout, shorter than the route's 10 s, is the deadline.
+    // The client's grpc-timeout, shorter than the route's 10 s, is the deadline. tonic's
+    // client enforces it too and may give up first (CANCELLED); the gateway's metrics say
+    // that it, too, stopped at 150 ms rather than waiting the route's 10 s.
     let status = grpc_infer(&mut client, "patient", "", &[("grpc-timeout", "150m")])
         .await
         .unwrap_err();
-    assert_eq!(
-        status.code(),
-        Code::DeadlineExceeded,
-        "{}",
-        status.message()
-    );
     assert!(
-        status.message().contains("deadline of 150ms exceeded"),
-        "{}",
-        status.message()
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
     );
+    let patient = "result=\"deadline_exceeded\",route=\"patient\",target=\"slow/1\"} 1";
+    poll("the gateway to record the deadline", || async {
+        gw.metrics().await.contains(patient)
+    })
+    .await;
     let metrics = gw.metrics().await;
     assert!(
         metrics.contains("result=\"deadline_exceeded\",route=\"slow\""),

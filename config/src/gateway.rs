@@ -39,6 +39,11 @@ pub struct GatewayConfig {
     /// Hot reload of the policy folder.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Event-loop threads serving REST and gRPC. Each owns the connections it accepts
+    /// (listeners share the port with SO_REUSEPORT), as nginx's worker processes do, so a
+    /// request never hops between threads. Default: the number of CPUs.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// Listen addresses.

@@ -102,30 +102,74 @@ pub enum StartError {
     Resolve(#[from] ResolveError),
 }
 
-/// The three listeners, bound before the gateway starts (tests bind `127.0.0.1:0`).
+/// The listeners, bound before the gateway starts (tests bind `127.0.0.1:0`): one socket
+/// per worker for REST and for gRPC, sharing the port with SO_REUSEPORT so the kernel
+/// spreads connections over the workers; one for the admin API.
 #[derive(Debug)]
 pub struct Listeners {
-    /// KServe v2 REST.
-    pub http: std::net::TcpListener,
-    /// KServe v2 gRPC.
-    pub grpc: std::net::TcpListener,
+    /// KServe v2 REST, one per worker.
+    pub http: Vec<std::net::TcpListener>,
+    /// KServe v2 gRPC, one per worker.
+    pub grpc: Vec<std::net::TcpListener>,
     /// Admin API and metrics.
     pub admin: std::net::TcpListener,
 }
-
 impl Listeners {
-    /// Binds the addresses of `gateway.yaml`.
+    /// Binds the addresses of `gateway.yaml`, one REST and one gRPC socket per worker.
     pub fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
-        let bind = |addr| {
-            std::net::TcpListener::bind(addr)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))
-        };
+        let workers = config
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
         Ok(Self {
-            http: bind(config.listen.http)?,
-            grpc: bind(config.listen.grpc)?,
-            admin: bind(config.listen.admin)?,
+            http: bind_shared(config.listen.http, workers)?,
+            grpc: bind_shared(config.listen.grpc, workers)?,
+            admin: bind_shared(config.listen.admin, 1)?.remove(0),
         })
     }
+
+    /// The REST address (the port chosen when the configured one was 0).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.http[0]
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+
+    /// The gRPC address.
+    pub fn grpc_addr(&self) -> std::net::SocketAddr {
+        self.grpc[0]
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+
+    /// The admin address.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+}
+
+/// `n` listening sockets on one address (SO_REUSEPORT); port 0 picks one port for all.
+fn bind_shared(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let err = |e: std::io::Error| std::io::Error::new(e.kind(), format!("binding {addr}: {e}"));
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let target = out
+            .first()
+            .map_or(Ok(addr), std::net::TcpListener::local_addr)?;
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None).map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        socket.set_reuse_port(true).map_err(err)?;
+        socket.bind(&target.into()).map_err(err)?;
+        socket.listen(1024).map_err(err)?;
+        out.push(socket.into());
+    }
+    Ok(out)
 }
 
 /// A gateway with its first policy snapshot loaded.
@@ -202,45 +246,33 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let shared = self.shared;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let conf = Arc::new(ServerConf::default());
-        let mut tasks = Vec::new();
-        for (port, listener) in [
-            (proxy::Port::Rest, listeners.http),
-            (proxy::Port::Grpc, listeners.grpc),
-            (proxy::Port::Admin, listeners.admin),
-        ] {
-            listener.set_nonblocking(true)?;
-            let addr = listener.local_addr()?.to_string();
-            info!(?port, %addr, "listening");
-            let app = proxy::Frontend {
-                port,
-                shared: shared.clone(),
-            };
-            let mut service = pingora_proxy::http_proxy_service_with_name(
-                &conf,
-                app,
-                &format!("switchyard {port:?}"),
-            );
-            let mut options = HttpServerOptions::default();
-            // One port serves HTTP/1.1 and h2c; pingora tells them apart by the h2 preface.
-            options.h2c = true;
-            if let Some(app) = service.app_logic_mut() {
-                app.server_options = Some(options);
+        let Listeners { http, grpc, admin } = listeners;
+        let mut admin = Some(admin);
+        let mut workers = Vec::with_capacity(http.len());
+        info!(http = ?http[0].local_addr()?, grpc = ?grpc[0].local_addr()?, admin = ?admin.as_ref().map(|a| a.local_addr()), workers = http.len(), "listening");
+        // One event loop per worker thread, each with its own listeners, connections and
+        // upstream connection pool: a request is served start to finish on one thread.
+        for (i, (http, grpc)) in http.into_iter().zip(grpc).enumerate() {
+            let mut sockets = vec![(proxy::Port::Rest, http), (proxy::Port::Grpc, grpc)];
+            if let Some(a) = admin.take() {
+                sockets.push((proxy::Port::Admin, a));
             }
-            service.add_tcp(&addr);
-            // Hand pingora the socket we bound, keyed by the address string it looks up.
-            let mut fds = Fds::new();
-            fds.add(addr, listener.into_raw_fd());
-            let fds: ListenFds = Arc::new(Mutex::new(fds));
-            let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                pingora_core::services::Service::start_service(&mut service, Some(fds), stop, 1)
-                    .await;
-            }));
+            let (shared, stop) = (shared.clone(), stop_rx.clone());
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+            std::thread::Builder::new()
+                .name(format!("switchyard-w{i}"))
+                .spawn(move || {
+                    let result = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map(|rt| rt.block_on(run_worker(shared, sockets, stop, drain)));
+                    let _ = done_tx.send(result.and_then(|r| r));
+                })?;
+            workers.push(done_rx);
         }
-        tasks.push(tokio::spawn(
+        let mut tasks = vec![tokio::spawn(
             shared.upstreams.clone().run_health_checks(stop_rx.clone()),
-        ));
+        )];
         if shared.config.reload.watch {
             tasks.push(tokio::spawn(reload::watch(shared.clone(), stop_rx.clone())));
         }
@@ -251,13 +283,62 @@ impl Gateway {
         for t in tasks {
             let _ = t.await;
         }
-        let started = tokio::time::Instant::now();
-        while total_in_flight(&shared) > 0 && started.elapsed() < drain {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        for w in workers {
+            if let Ok(Err(e)) = w.await {
+                return Err(e);
+            }
         }
         info!("gateway stopped");
         Ok(())
     }
+}
+
+/// One worker: the pingora services for its sockets on the current-thread runtime, until
+/// `stop`; then it waits up to `drain` for requests in flight before its runtime ends.
+async fn run_worker(
+    shared: Arc<Shared>,
+    sockets: Vec<(proxy::Port, std::net::TcpListener)>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let conf = Arc::new(ServerConf::default());
+    let mut services = Vec::with_capacity(sockets.len());
+    for (port, listener) in sockets {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?.to_string();
+        let app = proxy::Frontend {
+            port,
+            shared: shared.clone(),
+        };
+        let mut service = pingora_proxy::http_proxy_service_with_name(
+            &conf,
+            app,
+            &format!("switchyard {port:?}"),
+        );
+        let mut options = HttpServerOptions::default();
+        // One port serves HTTP/1.1 and h2c; pingora tells them apart by the h2 preface.
+        options.h2c = true;
+        if let Some(app) = service.app_logic_mut() {
+            app.server_options = Some(options);
+        }
+        service.add_tcp(&addr);
+        // Hand pingora the socket we bound, keyed by the address string it looks up.
+        let mut fds = Fds::new();
+        fds.add(addr, listener.into_raw_fd());
+        let fds: ListenFds = Arc::new(Mutex::new(fds));
+        let stop = stop.clone();
+        services.push(tokio::spawn(async move {
+            pingora_core::services::Service::start_service(&mut service, Some(fds), stop, 1).await;
+        }));
+    }
+    for s in services {
+        let _ = s.await;
+    }
+    let started = tokio::time::Instant::now();
+    while total_in_flight(&shared) > 0 && started.elapsed() < drain {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 fn total_in_flight(shared: &Shared) -> i64 {

@@ -60,9 +60,9 @@ impl TestGateway {
             switchyard_gateway::Gateway::new(config.clone()).unwrap_or_else(|e| panic!("{e}"));
         let listeners = switchyard_gateway::Listeners::bind(&config).unwrap();
         let (http, grpc, admin) = (
-            listeners.http.local_addr().unwrap(),
-            listeners.grpc.local_addr().unwrap(),
-            listeners.admin.local_addr().unwrap(),
+            listeners.http_addr(),
+            listeners.grpc_addr(),
+            listeners.admin_addr(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.clone().serve(

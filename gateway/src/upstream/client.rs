@@ -134,7 +134,11 @@ async fn exchange(
     let trailers = h2.read_trailers().await.map_err(transport)?;
     let http_status = header.as_ref().map_or(0, |h| h.status.as_u16());
     let (status, message) = grpc_status(header.as_ref().map(|h| &h.headers), trailers.as_ref());
-    connector.release_http_session(session, peer, None).await;
+    // Dropping the stream (rather than release_http_session) keeps the h2 connection in
+    // pingora's in-use pool: release moves a connection with no open stream to the idle
+    // pool and spawns an idle-timeout task for it, which at low concurrency happened on
+    // every request. Closed connections are still skipped and dropped by the pool.
+    drop(session);
     let Some(status) = status else {
         return Err(CallError::Transport {
             endpoint: endpoint.to_owned(),

@@ -87,6 +87,16 @@ impl Pool {
     }
 }
 
+thread_local! {
+    /// Upstream connections belong to the worker thread that opened them, so a request
+    /// and its upstream call run on one event loop (see `Gateway::serve`).
+    static CONNECTOR: Arc<Connector> = Arc::new(Connector::new(None));
+}
+
+fn connector() -> Arc<Connector> {
+    CONNECTOR.with(Arc::clone)
+}
+
 /// A target's identity across reloads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct TargetKey {
@@ -114,7 +124,6 @@ impl TargetState {
 
 /// All pools, the connection pool, and the per-target registry.
 pub(crate) struct Upstreams {
-    pub(crate) connector: Connector,
     pools: HashMap<Arc<str>, Arc<Pool>>,
     breaker: BreakerSettings,
     targets: Mutex<HashMap<TargetKey, Arc<TargetState>>>,
@@ -189,7 +198,6 @@ impl Upstreams {
         }
         let b = &config.breaker;
         Ok(Self {
-            connector: Connector::new(None),
             pools,
             breaker: BreakerSettings {
                 consecutive_failures: b.consecutive_failures,
@@ -245,7 +253,7 @@ impl Upstreams {
         budget: Duration,
     ) -> Result<Reply, CallError> {
         client::unary(
-            &self.connector,
+            &connector(),
             &endpoint.peer,
             &endpoint.address,
             path,
