@@ -123,13 +123,13 @@ impl Metrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_request_duration_seconds",
-                "Time from request to response, by route and target",
+                "Time from request to response, by route, target, protocol and result",
             )
             .buckets(vec![
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 10.0,
             ]),
-            &["route", "target", "protocol"],
+            &["route", "target", "protocol", "result"],
         )
         .expect("valid metric");
         r.register(Box::new(duration.clone()))
@@ -254,7 +254,12 @@ impl Metrics {
                         .with_label_values(&[route, target, p, o.label()])
                 })
             }),
-            duration: PROTOCOLS.map(|p| self.duration.with_label_values(&[route, target, p])),
+            duration: PROTOCOLS.map(|p| {
+                Outcome::ALL.map(|o| {
+                    self.duration
+                        .with_label_values(&[route, target, p, o.label()])
+                })
+            }),
             attempts: Attempt::ALL
                 .map(|a| self.attempts.with_label_values(&[route, target, a.label()])),
         }
@@ -281,14 +286,14 @@ impl Default for Metrics {
 #[derive(Debug, Clone)]
 pub(crate) struct TargetMetrics {
     requests: [[IntCounter; 5]; 2],
-    duration: [Histogram; 2],
+    duration: [[Histogram; 5]; 2],
     attempts: [IntCounter; 7],
 }
 
 impl TargetMetrics {
     pub(crate) fn finish(&self, protocol: usize, outcome: Outcome, seconds: f64) {
         self.requests[protocol][outcome as usize].inc();
-        self.duration[protocol].observe(seconds);
+        self.duration[protocol][outcome as usize].observe(seconds);
     }
 
     pub(crate) fn attempt(&self, a: Attempt) {
