@@ -204,6 +204,75 @@ pub fn load_policies(dir: &Path, gateway: &GatewayConfig) -> Result<PolicySet, D
             ));
         }
     }
+    // Plans may delegate to other routes: each must exist, and no chain may come back.
+    let known: std::collections::HashMap<&str, &LoadedPolicy> = files
+        .iter()
+        .map(|f| (f.policy.route.value.as_str(), f))
+        .collect();
+    let refs_of = |f: &LoadedPolicy| {
+        let mut refs = Vec::new();
+        for plan in validate::all_plans(&f.policy) {
+            validate::route_refs(&plan, &mut refs);
+        }
+        refs
+    };
+    for f in &files {
+        for (route, line, column) in refs_of(f) {
+            if !known.contains_key(route.as_str()) {
+                let mut names: Vec<&str> = known.keys().copied().collect();
+                names.sort_unstable();
+                problems.push(Diagnostic::new(
+                    &f.file,
+                    line,
+                    column,
+                    "{ route: .. }",
+                    format!(
+                        "plan refers to unknown route '{route}'; the policies define: {}",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let edges = |route: &str| -> Vec<String> {
+        known
+            .get(route)
+            .map(|f| refs_of(f).into_iter().map(|r| r.0).collect())
+            .unwrap_or_default()
+    };
+    let mut reported: Vec<String> = Vec::new();
+    for f in &files {
+        let start = f.policy.route.value.clone();
+        if reported.contains(&start) {
+            continue;
+        }
+        let mut path = vec![start.clone()];
+        if let Some(cycle) = validate::find_cycle(&start, &edges, &mut path) {
+            let described: Vec<String> = cycle
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{r} ({})",
+                        known
+                            .get(r.as_str())
+                            .map_or(String::new(), |f| f.file.display().to_string())
+                    )
+                })
+                .collect();
+            let route = &f.policy.route;
+            problems.push(Diagnostic::new(
+                &f.file,
+                route.line,
+                route.column,
+                "route",
+                format!(
+                    "routes delegate to each other in a cycle: {}",
+                    described.join(" -> ")
+                ),
+            ));
+            reported.extend(cycle);
+        }
+    }
     if problems.is_empty() {
         Ok(PolicySet { files })
     } else {

@@ -56,6 +56,64 @@ pub struct PolicyFile {
     /// version. Default true.
     #[serde(default = "yes")]
     pub version_pinning: bool,
+    /// Named plans, usable wherever a target name is (split weights, cascade stages,
+    /// ensemble members, rules, the default).
+    #[serde(default)]
+    pub plans: IndexMap<String, At<PlanConfig>>,
+    /// A copy of sampled requests goes to this plan; its answer is compared with the
+    /// primary's and never returned.
+    #[serde(default)]
+    pub shadow: Option<At<ShadowConfig>>,
+    /// Cache successful responses (opt-in).
+    #[serde(default)]
+    pub cache: Option<At<CacheConfig>>,
+}
+
+/// Shadow traffic: `target` or `plan`, a sampling percent and a concurrency bound.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// A target (or named plan) to shadow to.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// A plan to shadow to, instead of `target`.
+    #[serde(default)]
+    pub plan: Option<PlanConfig>,
+    /// Share of requests copied, in percent (0 < percent <= 100). Default 100.
+    #[serde(default = "hundred")]
+    pub percent: f64,
+    /// Shadow requests in flight at most; beyond it new copies are dropped and counted.
+    /// Default 64.
+    #[serde(default = "sixty_four")]
+    pub max_in_flight: u32,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+fn sixty_four() -> u32 {
+    64
+}
+
+/// The response cache of a route.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long an entry serves. Default 60s.
+    #[serde(default = "sixty_seconds")]
+    pub ttl: HumanDuration,
+    /// Memory for entries (keys and response bytes). Default 64MiB.
+    #[serde(default = "sixty_four_mib")]
+    pub max_bytes: crate::units::ByteSize,
+}
+
+fn sixty_seconds() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+
+fn sixty_four_mib() -> crate::units::ByteSize {
+    crate::units::ByteSize(64 << 20)
 }
 
 fn yes() -> bool {
@@ -111,20 +169,86 @@ pub enum HeaderMatchConfig {
     Present(bool),
 }
 
-/// How a request picks a target.
+/// How a request picks a target, or combines several.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PlanConfig {
-    /// One target, by name (`plan: mlp-v2` or `{ target: mlp-v2 }`).
+    /// One target or named plan, by name (`plan: mlp-v2` or `{ target: mlp-v2 }`).
     Target(String),
-    /// A weighted split across targets.
+    /// A weighted split across targets or named plans.
     Split(SplitConfig),
+    /// Stages in order; a stage whose answer passes its acceptance test answers.
+    Cascade(Vec<StageConfig>),
+    /// Members in parallel; their outputs are combined.
+    Ensemble(EnsembleConfig),
+    /// Another route's plan (`{ route: digits }`): what that route would do.
+    Route(String),
+}
+
+/// One cascade stage.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// What runs in this stage: a target or plan name, or an inline plan.
+    pub plan: At<PlanConfig>,
+    /// The test its answer must pass to be returned; every stage but the last has one.
+    #[serde(default)]
+    pub accept: Option<At<AcceptConfig>>,
+}
+
+/// A confidence test on one output tensor (per row; every row must pass).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptConfig {
+    /// The highest value of the row is at least this (0 < x <= 1).
+    #[serde(default)]
+    pub max_probability: Option<f64>,
+    /// The highest value minus the second highest is at least this (0 < x <= 1).
+    #[serde(default)]
+    pub margin: Option<f64>,
+    /// The output tensor to test. Default: the response's first output.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// How an ensemble combines its members' outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// Elementwise mean.
+    Mean,
+    /// Elementwise mean weighted by `weights`.
+    WeightedMean,
+    /// Per row, the class most members rank first (ties: the highest summed probability);
+    /// the row becomes the mean of the members that voted for it.
+    MajorityVote,
+    /// Elementwise maximum.
+    Max,
+}
+
+/// Members run in parallel; their outputs are combined.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleConfig {
+    /// The members: target or plan names, or inline plans.
+    pub members: Vec<At<PlanConfig>>,
+    /// How outputs are combined.
+    pub combine: Combine,
+    /// Weights of `weighted_mean`, one per member, each > 0.
+    #[serde(default)]
+    pub weights: Vec<f64>,
+    /// Members that must answer; the answer combines the first that many. Default: all.
+    #[serde(default)]
+    pub quorum: Option<usize>,
+    /// Time a member may take. Default: the route's deadline.
+    #[serde(default)]
+    pub member_timeout: Option<HumanDuration>,
 }
 
 /// A weighted split. Weights are relative (a draw in `[0, Σw)`), in file order.
 #[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SplitConfig {
-    /// Target name to weight (> 0), in order: with `sticky`, each target owns a fixed
+    /// Target or plan name to weight (> 0), in order: with `sticky`, each member owns a fixed
     /// slice of the hash space in this order, so raising the weight of the last target
     /// only moves keys onto it.
     pub weights: IndexMap<String, At<i64>>,
@@ -156,7 +280,7 @@ fn one() -> u32 {
 
 // === impl PlanConfig ===
 
-const PLAN_KINDS: &[&str] = &["target", "split"];
+const PLAN_KINDS: &[&str] = &["target", "split", "cascade", "ensemble", "route"];
 
 impl<'de> Deserialize<'de> for PlanConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -164,7 +288,7 @@ impl<'de> Deserialize<'de> for PlanConfig {
         impl<'de> Visitor<'de> for PlanVisitor {
             type Value = PlanConfig;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a target name, or a map with one key: target or split")
+                f.write_str("a target or plan name, or a map with one key: target, split, cascade, ensemble or route")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<PlanConfig, E> {
                 Ok(PlanConfig::Target(v.to_owned()))
@@ -178,6 +302,9 @@ impl<'de> Deserialize<'de> for PlanConfig {
                 let plan = match kind.as_str() {
                     "target" => PlanConfig::Target(map.next_value()?),
                     "split" => PlanConfig::Split(map.next_value()?),
+                    "cascade" => PlanConfig::Cascade(map.next_value()?),
+                    "ensemble" => PlanConfig::Ensemble(map.next_value()?),
+                    "route" => PlanConfig::Route(map.next_value()?),
                     other => return Err(de::Error::unknown_variant(other, PLAN_KINDS)),
                 };
                 if let Some(extra) = map.next_key::<String>()? {
@@ -198,12 +325,18 @@ impl JsonSchema for PlanConfig {
     }
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
         let split = generator.subschema_for::<SplitConfig>();
+        let stages = generator.subschema_for::<Vec<StageConfig>>();
+        let ensemble = generator.subschema_for::<EnsembleConfig>();
+        let one = |key: &str, schema: Schema| json_schema!({ "type": "object", "properties": { key: schema }, "required": [key], "additionalProperties": false });
         json_schema!({
-            "description": "How a request picks a target: a target name, { target: NAME }, or { split: {..} }",
+            "description": "How a request picks a target: a target or plan name, or one of { target }, { split }, { cascade }, { ensemble }, { route }",
             "oneOf": [
-                { "type": "string", "description": "A target name" },
-                { "type": "object", "properties": { "target": { "type": "string" } }, "required": ["target"], "additionalProperties": false },
-                { "type": "object", "properties": { "split": split }, "required": ["split"], "additionalProperties": false }
+                { "type": "string", "description": "A target or plan name" },
+                one("target", json_schema!({ "type": "string" })),
+                one("split", split),
+                one("cascade", stages),
+                one("ensemble", ensemble),
+                one("route", json_schema!({ "type": "string", "description": "Another route, whose plan this one uses" }))
             ]
         })
     }

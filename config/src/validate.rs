@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::diagnostic::Diagnostic;
 use crate::gateway::GatewayConfig;
-use crate::policy::{HeaderMatchConfig, PlanConfig, PolicyFile, RuleConfig};
+use crate::policy::{Combine, HeaderMatchConfig, PlanConfig, PolicyFile, RuleConfig};
 use crate::units::At;
 
 /// Longest deadline a route may set.
@@ -110,13 +110,109 @@ pub fn validate_policy(
             }
         }
     }
-    let targets: Vec<&str> = policy.targets.keys().map(String::as_str).collect();
+    for (name, plan) in &policy.plans {
+        if policy.targets.contains_key(name) {
+            at(
+                plan.line,
+                plan.column,
+                format!("plans.{name}"),
+                format!("'{name}' is both a target and a plan; names must be unique"),
+            );
+        }
+    }
+    // Anything that names a plan member may name a target or a named plan.
+    let names: Vec<&str> = policy
+        .targets
+        .keys()
+        .chain(policy.plans.keys())
+        .map(String::as_str)
+        .collect();
+    for (name, plan) in &policy.plans {
+        check_plan(&format!("plans.{name}"), plan, &names, &mut at);
+    }
+    check_plan_cycles(policy, &mut at);
     for (i, rule) in policy.rules.iter().enumerate() {
         check_rule(&format!("rules[{i}]"), rule, &mut at);
-        check_plan(&format!("rules[{i}].plan"), &rule.plan, &targets, &mut at);
+        check_plan(&format!("rules[{i}].plan"), &rule.plan, &names, &mut at);
     }
     check_reachability(&policy.rules, &mut at);
-    check_plan("default", &policy.default, &targets, &mut at);
+    check_plan("default", &policy.default, &names, &mut at);
+    if let Some(shadow) = &policy.shadow {
+        let (line, column) = (shadow.line, shadow.column);
+        let sh = &shadow.value;
+        match (&sh.target, &sh.plan) {
+            (Some(t), None) => {
+                if !names.contains(&t.as_str()) {
+                    at(
+                        line,
+                        column,
+                        "shadow.target".into(),
+                        unknown_target(t, &names),
+                    );
+                }
+            }
+            (None, Some(plan)) => {
+                check_plan(
+                    "shadow.plan",
+                    &At {
+                        value: plan.clone(),
+                        line,
+                        column,
+                    },
+                    &names,
+                    &mut at,
+                );
+            }
+            _ => at(
+                line,
+                column,
+                "shadow".into(),
+                "give exactly one of target or plan".into(),
+            ),
+        }
+        if !(sh.percent > 0.0 && sh.percent <= 100.0) {
+            at(
+                line,
+                column,
+                "shadow.percent".into(),
+                format!(
+                    "percent must be above 0 and at most 100, got {}",
+                    sh.percent
+                ),
+            );
+        }
+        if sh.max_in_flight == 0 {
+            at(
+                line,
+                column,
+                "shadow.max_in_flight".into(),
+                "max_in_flight must be at least 1".into(),
+            );
+        }
+    }
+    if let Some(cache) = &policy.cache {
+        if cache.value.ttl.0.is_zero() {
+            at(
+                cache.line,
+                cache.column,
+                "cache.ttl".into(),
+                "ttl must be above 0".into(),
+            );
+        }
+        if cache.value.max_bytes.0 < 1024 {
+            at(
+                cache.line,
+                cache.column,
+                "cache.max_bytes".into(),
+                format!(
+                    "max_bytes must be at least 1KiB, got {}",
+                    cache.value.max_bytes.0
+                ),
+            );
+        }
+    }
+    // Fallbacks are targets: they answer when the chosen target cannot.
+    let targets: Vec<&str> = policy.targets.keys().map(String::as_str).collect();
     let mut seen = HashSet::new();
     for (i, f) in policy.fallback.iter().enumerate() {
         if !targets.contains(&f.value.as_str()) {
@@ -247,10 +343,27 @@ fn check_plan(
     at: &mut impl FnMut(u64, u64, String, String),
 ) {
     let (line, column) = (plan.line, plan.column);
+    let here = |p: &At<PlanConfig>| {
+        if p.line == 0 {
+            (line, column)
+        } else {
+            (p.line, p.column)
+        }
+    };
     match &plan.value {
         PlanConfig::Target(t) => {
             if !targets.contains(&t.as_str()) {
                 at(line, column, path.into(), unknown_target(t, targets));
+            }
+        }
+        PlanConfig::Route(r) => {
+            if !valid_route_name(r) {
+                at(
+                    line,
+                    column,
+                    format!("{path}.route"),
+                    format!("'{r}' is not a route name"),
+                );
             }
         }
         PlanConfig::Split(split) => {
@@ -305,7 +418,218 @@ fn check_plan(
                 }
             }
         }
+        PlanConfig::Cascade(stages) => {
+            if stages.len() < 2 {
+                at(
+                    line,
+                    column,
+                    format!("{path}.cascade"),
+                    format!("a cascade needs at least two stages, got {}", stages.len()),
+                );
+            }
+            let last = stages.len().saturating_sub(1);
+            for (i, stage) in stages.iter().enumerate() {
+                let spath = format!("{path}.cascade[{i}]");
+                let (l, c) = here(&stage.plan);
+                check_plan(&format!("{spath}.plan"), &stage.plan, targets, at);
+                match (&stage.accept, i == last) {
+                    (None, false) => at(
+                        l,
+                        c,
+                        format!("{spath}.accept"),
+                        "every stage but the last needs an accept test (max_probability or margin)"
+                            .into(),
+                    ),
+                    (Some(a), true) => at(
+                        a.line,
+                        a.column,
+                        format!("{spath}.accept"),
+                        "the last stage always answers: remove its accept test".into(),
+                    ),
+                    (Some(a), false) => {
+                        let test = &a.value;
+                        match (test.max_probability, test.margin) {
+                            (Some(x), None) | (None, Some(x)) if x > 0.0 && x <= 1.0 => {}
+                            (Some(x), None) | (None, Some(x)) => at(
+                                a.line,
+                                a.column,
+                                format!("{spath}.accept"),
+                                format!("the threshold must be above 0 and at most 1, got {x}"),
+                            ),
+                            _ => at(
+                                a.line,
+                                a.column,
+                                format!("{spath}.accept"),
+                                "give exactly one of max_probability or margin".into(),
+                            ),
+                        }
+                    }
+                    (None, true) => {}
+                }
+            }
+        }
+        PlanConfig::Ensemble(e) => {
+            if e.members.len() < 2 {
+                at(
+                    line,
+                    column,
+                    format!("{path}.ensemble.members"),
+                    format!(
+                        "an ensemble needs at least two members, got {}",
+                        e.members.len()
+                    ),
+                );
+            }
+            for (i, m) in e.members.iter().enumerate() {
+                check_plan(&format!("{path}.ensemble.members[{i}]"), m, targets, at);
+            }
+            match e.combine {
+                Combine::WeightedMean => {
+                    if e.weights.len() != e.members.len() {
+                        at(
+                            line,
+                            column,
+                            format!("{path}.ensemble.weights"),
+                            format!(
+                                "weighted_mean needs one weight per member: {} members, {} weights",
+                                e.members.len(),
+                                e.weights.len()
+                            ),
+                        );
+                    } else if let Some(w) = e.weights.iter().find(|w| !(**w > 0.0 && w.is_finite()))
+                    {
+                        at(
+                            line,
+                            column,
+                            format!("{path}.ensemble.weights"),
+                            format!("weights must be above 0, got {w}"),
+                        );
+                    }
+                }
+                _ if !e.weights.is_empty() => at(
+                    line,
+                    column,
+                    format!("{path}.ensemble.weights"),
+                    "weights apply to combine: weighted_mean only".into(),
+                ),
+                _ => {}
+            }
+            if let Some(q) = e.quorum
+                && (q == 0 || q > e.members.len())
+            {
+                at(
+                    line,
+                    column,
+                    format!("{path}.ensemble.quorum"),
+                    format!(
+                        "quorum must be between 1 and the {} members, got {q}",
+                        e.members.len()
+                    ),
+                );
+            }
+            if e.member_timeout.is_some_and(|t| t.0.is_zero()) {
+                at(
+                    line,
+                    column,
+                    format!("{path}.ensemble.member_timeout"),
+                    "member_timeout must be above 0".into(),
+                );
+            }
+        }
     }
+}
+
+/// Names a plan refers to (targets or named plans), in order.
+pub(crate) fn plan_refs(plan: &PlanConfig, out: &mut Vec<String>) {
+    match plan {
+        PlanConfig::Target(t) => out.push(t.clone()),
+        PlanConfig::Split(s) => out.extend(s.weights.keys().cloned()),
+        PlanConfig::Cascade(stages) => stages.iter().for_each(|s| plan_refs(&s.plan.value, out)),
+        PlanConfig::Ensemble(e) => e.members.iter().for_each(|m| plan_refs(&m.value, out)),
+        PlanConfig::Route(_) => {}
+    }
+}
+
+/// Routes a plan delegates to (`{ route: .. }`), with positions.
+pub(crate) fn route_refs(plan: &At<PlanConfig>, out: &mut Vec<(String, u64, u64)>) {
+    match &plan.value {
+        PlanConfig::Route(r) => out.push((r.clone(), plan.line, plan.column)),
+        PlanConfig::Cascade(stages) => stages.iter().for_each(|s| route_refs(&s.plan, out)),
+        PlanConfig::Ensemble(e) => e.members.iter().for_each(|m| route_refs(m, out)),
+        PlanConfig::Target(_) | PlanConfig::Split(_) => {}
+    }
+}
+
+/// Every plan of a policy file: named plans, rules, the default, the shadow.
+pub(crate) fn all_plans(policy: &PolicyFile) -> Vec<At<PlanConfig>> {
+    let mut plans: Vec<At<PlanConfig>> = policy.plans.values().cloned().collect();
+    plans.extend(policy.rules.iter().map(|r| r.plan.clone()));
+    plans.push(policy.default.clone());
+    if let Some(sh) = &policy.shadow
+        && let Some(p) = &sh.value.plan
+    {
+        plans.push(At {
+            value: p.clone(),
+            line: sh.line,
+            column: sh.column,
+        });
+    }
+    plans
+}
+
+/// Named plans that refer to each other in a circle.
+fn check_plan_cycles(policy: &PolicyFile, at: &mut impl FnMut(u64, u64, String, String)) {
+    let edges = |name: &str| -> Vec<String> {
+        let mut refs = Vec::new();
+        if let Some(p) = policy.plans.get(name) {
+            plan_refs(&p.value, &mut refs);
+        }
+        refs.retain(|r| policy.plans.contains_key(r));
+        refs
+    };
+    let mut reported: Vec<String> = Vec::new();
+    for start in policy.plans.keys() {
+        let mut path = vec![start.clone()];
+        if let Some(cycle) = find_cycle(start, &edges, &mut path)
+            && !cycle.iter().any(|n| reported.contains(n))
+        {
+            let plan = &policy.plans[start];
+            at(
+                plan.line,
+                plan.column,
+                format!("plans.{start}"),
+                format!(
+                    "plans refer to each other in a cycle: {}",
+                    cycle.join(" -> ")
+                ),
+            );
+            reported.extend(cycle);
+        }
+    }
+}
+
+/// A path from `path[0]` back to itself through `edges`, if any (depth-first).
+pub(crate) fn find_cycle(
+    start: &str,
+    edges: &dyn Fn(&str) -> Vec<String>,
+    path: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    let last = path.last()?.clone();
+    for next in edges(&last) {
+        if next == start {
+            let mut cycle = path.clone();
+            cycle.push(next);
+            return Some(cycle);
+        }
+        if !path.contains(&next) && path.len() < 64 {
+            path.push(next);
+            if let Some(c) = find_cycle(start, edges, path) {
+                return Some(c);
+            }
+            path.pop();
+        }
+    }
+    None
 }
 
 fn unknown_target(name: &str, targets: &[&str]) -> String {
