@@ -52,6 +52,21 @@ pub(crate) struct Rescued {
 }
 
 impl GatewayError {
+    /// Names `route` in an error raised where the route was not known (strategies).
+    pub(crate) fn in_route(mut self, name: &str) -> Self {
+        match &mut self {
+            Self::NoTarget { route, .. }
+            | Self::Deadline { route, .. }
+            | Self::UpstreamFailed { route, .. }
+                if route.is_empty() =>
+            {
+                name.clone_into(route);
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// The one mapping from errors to statuses.
     pub(crate) fn rescue(&self) -> Rescued {
         let (http, grpc) = match self {
@@ -78,6 +93,11 @@ impl GatewayError {
         match self {
             Self::NoTarget { .. } => Outcome::Unavailable,
             Self::Deadline { .. } => Outcome::DeadlineExceeded,
+            // The backend's queue timeout (the budget the gateway forwarded) ran out first.
+            Self::Upstream {
+                code: code::DEADLINE_EXCEEDED,
+                ..
+            } => Outcome::DeadlineExceeded,
             Self::UpstreamFailed { .. } => Outcome::UpstreamError,
             Self::Upstream { code: c, .. } if is_upstream_failure(*c) => Outcome::UpstreamError,
             _ => Outcome::ClientError,

@@ -19,6 +19,16 @@ use crate::wire::InferMessage;
 
 pub(crate) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
+/// How one inference runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct How {
+    /// Whether the route's fallback targets and the decision's other split members may
+    /// answer when the chosen target cannot (top-level decisions only).
+    pub(crate) fallback: bool,
+    /// Whether this is a shadow copy (marked for the backend).
+    pub(crate) shadow: bool,
+}
+
 /// A successful inference: which target answered and its `ModelInferResponse` bytes.
 #[derive(Debug)]
 pub(crate) struct Answer {
@@ -35,6 +45,7 @@ pub(crate) struct Failure {
 
 /// Runs `message` on the decided target, falling back and retrying as the policy allows,
 /// until `deadline` (the request's budget `total` after it arrived).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn infer(
     upstreams: &Upstreams,
     budget: &RetryBudget,
@@ -43,14 +54,21 @@ pub(crate) async fn infer(
     message: &InferMessage,
     deadline: Instant,
     total: Duration,
+    how: How,
 ) -> Result<Answer, Failure> {
+    let How { fallback, shadow } = how;
     let route = &entry.route;
     let _active = budget.enter();
     let mut after_send_retries = 0u32;
     let mut last: Option<Failure> = None;
     let mut skipped: Vec<String> = Vec::new();
     let mut attempts = 0u32;
-    for target_id in route.candidates(decision) {
+    // Nested plans (cascade stages, ensemble members, shadows) try their own target only:
+    // a fallback answering for a member would change what the strategy computes.
+    for target_id in route
+        .candidates(decision)
+        .take(if fallback { usize::MAX } else { 1 })
+    {
         let target = entry.target(target_id);
         let spec = route.target(target_id);
         // The decided target is tried even when its pool looks down; others only if up.
@@ -89,7 +107,7 @@ pub(crate) async fn infer(
         let endpoint = target.pool.pick();
         let chunks = message.chunks(&spec.model, &spec.version, remaining.as_micros() as u64);
         let result = upstreams
-            .call(endpoint, MODEL_INFER, &chunks, remaining)
+            .call(endpoint, MODEL_INFER, &chunks, remaining, shadow)
             .await;
         match result {
             Ok(Reply {

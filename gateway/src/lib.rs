@@ -23,6 +23,7 @@
 //! * Only this crate names pingora.
 
 mod error;
+mod execute;
 mod frontend;
 mod invoke;
 mod metrics;
@@ -30,6 +31,7 @@ mod proxy;
 mod reload;
 pub mod routing;
 mod snapshot;
+mod strategy;
 mod upstream;
 mod wire;
 
@@ -67,8 +69,9 @@ pub(crate) struct Shared {
     pub(crate) next_version: AtomicU64,
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
     pub(crate) last_reload: ArcSwap<Option<reload::ReloadStatus>>,
+    /// Strategy state that outlives snapshots (caches, shadow bounds).
+    pub(crate) kept: snapshot::Kept,
 }
-
 impl Shared {
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && self.snapshot.load().version > 0
@@ -185,7 +188,8 @@ impl Gateway {
         let metrics = Metrics::new();
         let upstreams = Arc::new(Upstreams::new(&config, metrics.clone())?);
         let policies = load_policies(&config.policies, &config).map_err(StartError::Policies)?;
-        let snapshot = Snapshot::build(1, &policies, &config, &upstreams, &metrics);
+        let kept = snapshot::Kept::default();
+        let snapshot = Snapshot::build(1, &policies, &config, &upstreams, &metrics, &kept);
         metrics.policy_version.set(1);
         let from_env = config
             .admin
@@ -214,6 +218,7 @@ impl Gateway {
             next_version: AtomicU64::new(2),
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: ArcSwap::from_pointee(None),
+            kept,
             config,
         };
         Ok(Self {

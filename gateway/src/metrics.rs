@@ -98,6 +98,15 @@ pub struct Metrics {
     pub(crate) policy_version: IntGauge,
     /// By protocol, resolved once.
     pub(crate) in_flight: [IntGauge; 2],
+    shadow_requests: IntCounterVec,
+    shadow_agreement: IntCounterVec,
+    shadow_diff: HistogramVec,
+    shadow_latency_delta: HistogramVec,
+    cascade_stages: IntCounterVec,
+    ensembles: IntCounterVec,
+    cache_requests: IntCounterVec,
+    cache_evictions: IntCounterVec,
+    cache_bytes: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -110,6 +119,21 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let v = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(v.clone()))
+        .expect("unique metric");
+    v
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let v = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
     registry
         .register(Box::new(v.clone()))
         .expect("unique metric");
@@ -205,6 +229,66 @@ impl Metrics {
                 );
                 PROTOCOLS.map(|p| v.with_label_values(&[p]))
             },
+            shadow_requests: counter(
+                &r,
+                "switchyard_shadow_requests_total",
+                "Shadow copies by route, shadow and result (ok, error, dropped)",
+                &["route", "shadow", "result"],
+            ),
+            shadow_agreement: counter(
+                &r,
+                "switchyard_shadow_agreement_total",
+                "Compared shadow answers by whether their top-1 agrees with the primary's",
+                &["route", "shadow", "agree"],
+            ),
+            shadow_diff: histogram(
+                &r,
+                "switchyard_shadow_max_abs_difference",
+                "Largest absolute difference between shadow and primary outputs",
+                &["route", "shadow"],
+                vec![
+                    1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ],
+            ),
+            shadow_latency_delta: histogram(
+                &r,
+                "switchyard_shadow_latency_delta_seconds",
+                "Shadow latency minus primary latency",
+                &["route", "shadow"],
+                vec![
+                    -0.1, -0.01, -0.001, -0.0001, 0.0, 0.0001, 0.001, 0.01, 0.1, 1.0,
+                ],
+            ),
+            cascade_stages: counter(
+                &r,
+                "switchyard_cascade_stage_total",
+                "Cascade stages (1-based) by route, plan, stage and outcome (answered, escalated, skipped_deadline, failed)",
+                &["route", "plan", "stage", "outcome"],
+            ),
+            ensembles: counter(
+                &r,
+                "switchyard_ensemble_total",
+                "Ensemble runs by route, plan and result (ok, below_quorum, error)",
+                &["route", "plan", "result"],
+            ),
+            cache_requests: counter(
+                &r,
+                "switchyard_cache_requests_total",
+                "Cached routes' requests by result (hit, miss, coalesced, bypass)",
+                &["route", "result"],
+            ),
+            cache_evictions: counter(
+                &r,
+                "switchyard_cache_evictions_total",
+                "Cache entries evicted (expired or over max_bytes)",
+                &["route"],
+            ),
+            cache_bytes: gauge(
+                &r,
+                "switchyard_cache_bytes",
+                "Bytes held by the route's cache",
+                &["route"],
+            ),
             duration,
             retry_budget_exhausted: budget,
             policy_version: version,
@@ -242,6 +326,62 @@ impl Metrics {
             closed: self
                 .breaker_transitions
                 .with_label_values(&[target, "closed"]),
+        }
+    }
+
+    pub(crate) fn shadow(
+        &self,
+        route: &str,
+        shadow: &str,
+        in_flight: std::sync::Arc<std::sync::atomic::AtomicU32>,
+        max_in_flight: u32,
+    ) -> crate::strategy::shadow::ShadowStats {
+        let req = |r: &str| self.shadow_requests.with_label_values(&[route, shadow, r]);
+        crate::strategy::shadow::ShadowStats {
+            ok: req("ok"),
+            error: req("error"),
+            dropped: req("dropped"),
+            uncomparable: req("uncomparable"),
+            agree: self
+                .shadow_agreement
+                .with_label_values(&[route, shadow, "true"]),
+            disagree: self
+                .shadow_agreement
+                .with_label_values(&[route, shadow, "false"]),
+            max_abs_diff: self.shadow_diff.with_label_values(&[route, shadow]),
+            latency_delta: self
+                .shadow_latency_delta
+                .with_label_values(&[route, shadow]),
+            in_flight,
+            max_in_flight,
+        }
+    }
+
+    pub(crate) fn cascade(
+        &self,
+        route: &str,
+        plan: &str,
+        stages: usize,
+    ) -> crate::strategy::CascadeStats {
+        crate::strategy::CascadeStats::new(stages, &|i, outcome| {
+            self.cascade_stages
+                .with_label_values(&[route, plan, &(i + 1).to_string(), outcome])
+        })
+    }
+
+    pub(crate) fn ensemble(&self, route: &str, plan: &str) -> [IntCounter; 3] {
+        ["ok", "below_quorum", "error"].map(|r| self.ensembles.with_label_values(&[route, plan, r]))
+    }
+
+    pub(crate) fn cache(&self, route: &str) -> crate::strategy::cache::CacheMetrics {
+        let req = |r: &str| self.cache_requests.with_label_values(&[route, r]);
+        crate::strategy::cache::CacheMetrics {
+            hits: req("hit"),
+            misses: req("miss"),
+            coalesced: req("coalesced"),
+            bypass: req("bypass"),
+            evictions: self.cache_evictions.with_label_values(&[route]),
+            bytes: self.cache_bytes.with_label_values(&[route]),
         }
     }
 

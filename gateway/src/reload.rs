@@ -10,11 +10,15 @@ use std::time::SystemTime;
 
 use notify_debouncer_full::notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
-use switchyard_config::{Diagnostics, load_policies};
+use switchyard_config::{Diagnostic, Diagnostics, load_policies};
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::routing::{self, Plan, RoutingTable, TargetId};
 use crate::snapshot::Snapshot;
+use crate::upstream::Upstreams;
+use crate::upstream::client::code;
+use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 
 /// The outcome of the last reload attempt, for `GET /admin/policy`.
 #[derive(Debug, Clone)]
@@ -41,6 +45,23 @@ impl Shared {
                         format!("reload task failed: {e}"),
                     )]))
                 });
+        // Ensemble members whose models' metadata disagree on an output are rejected now
+        // rather than failing every request later.
+        let loaded = match loaded {
+            Ok(policies) => {
+                let problems = check_ensemble_outputs(
+                    &self.upstreams,
+                    &routing::compile(&policies, &self.config),
+                )
+                .await;
+                if problems.is_empty() {
+                    Ok(policies)
+                } else {
+                    Err(Diagnostics(problems))
+                }
+            }
+            Err(d) => Err(d),
+        };
         let result = loaded.map(|policies| {
             let version = self.next_version.fetch_add(1, Ordering::AcqRel);
             let snapshot = Snapshot::build(
@@ -49,6 +70,7 @@ impl Shared {
                 &self.config,
                 &self.upstreams,
                 &self.metrics,
+                &self.kept,
             );
             self.snapshot.store(Arc::new(snapshot));
             version
@@ -120,5 +142,142 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// How long a reload waits for a member's `ModelMetadata`.
+const METADATA_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the backends for the metadata of every ensemble member that is a target and
+/// reports outputs that members share by name but not by datatype or shape (a `-1`
+/// dimension matches any). Members whose backend does not answer are not checked here;
+/// combining their outputs fails at request time with the same description instead.
+async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Diagnostic> {
+    use prost::Message;
+    use switchyard_proto::inference::{ModelMetadataRequest, ModelMetadataResponse};
+    let mut problems = Vec::new();
+    for route in table.routes() {
+        for (i, plan) in route.plans.iter().enumerate() {
+            let Plan::Ensemble(e) = plan else { continue };
+            let members: Vec<TargetId> = e
+                .members
+                .iter()
+                .filter_map(|(m, _)| match route.plan(*m) {
+                    Plan::Target(t) => Some(*t),
+                    _ => None,
+                })
+                .collect();
+            let fetches = members.iter().map(|&t| async move {
+                let spec = route.target(t);
+                let pool = upstreams.pool(&spec.backend)?;
+                let req = ModelMetadataRequest {
+                    name: spec.model.to_string(),
+                    version: spec.version.to_string(),
+                };
+                let reply = upstreams
+                    .call(
+                        pool.pick(),
+                        "/inference.GRPCInferenceService/ModelMetadata",
+                        &[bytes::Bytes::from(req.encode_to_vec())],
+                        METADATA_BUDGET,
+                        false,
+                    )
+                    .await
+                    .ok()?;
+                if reply.status != code::OK {
+                    return None;
+                }
+                ModelMetadataResponse::decode(reply.body)
+                    .ok()
+                    .map(|m| (t, m))
+            });
+            let known: Vec<(TargetId, ModelMetadataResponse)> =
+                futures_util::future::join_all(fetches)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            let Some((first, reference)) = known.first() else {
+                continue;
+            };
+            for (t, meta) in &known[1..] {
+                for clash in output_clashes(&reference.outputs, &meta.outputs) {
+                    problems.push(Diagnostic::file(
+                        std::path::Path::new(&*route.file),
+                        format!(
+                            "route '{}': ensemble '{}' cannot combine {clash} ({} vs {}, from the models' metadata)",
+                            route.name,
+                            route.plan_name(routing::PlanId(i as u16)),
+                            route.target(*first).name,
+                            route.target(*t).name,
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Outputs two members share by name but not by datatype or shape (`-1` matches any size).
+fn output_clashes(a: &[TensorMetadata], b: &[TensorMetadata]) -> Vec<String> {
+    let mut clashes = Vec::new();
+    for out in b {
+        let Some(theirs) = a.iter().find(|o| o.name == out.name) else {
+            continue;
+        };
+        let fits = theirs.datatype == out.datatype
+            && theirs.shape.len() == out.shape.len()
+            && theirs
+                .shape
+                .iter()
+                .zip(&out.shape)
+                .all(|(x, y)| x == y || *x == -1 || *y == -1);
+        if !fits {
+            clashes.push(format!(
+                "output '{}': {} {:?} vs {} {:?}",
+                out.name, theirs.datatype, theirs.shape, out.datatype, out.shape
+            ));
+        }
+    }
+    clashes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, datatype: &str, shape: &[i64]) -> TensorMetadata {
+        TensorMetadata {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn ensemble_outputs_clash_on_datatype_or_shape_only() {
+        let mlp = [t("probabilities", "FP32", &[-1, 10])];
+        assert!(
+            output_clashes(&mlp, &[t("probabilities", "FP32", &[4, 10])]).is_empty(),
+            "-1 matches"
+        );
+        assert!(
+            output_clashes(&mlp, &[t("logits", "FP16", &[-1, 3])]).is_empty(),
+            "other names are not combined"
+        );
+        assert_eq!(
+            output_clashes(&mlp, &[t("probabilities", "FP32", &[-1, 5])]),
+            ["output 'probabilities': FP32 [-1, 10] vs FP32 [-1, 5]"]
+        );
+        assert_eq!(
+            output_clashes(&mlp, &[t("probabilities", "FP64", &[-1, 10])]),
+            ["output 'probabilities': FP32 [-1, 10] vs FP64 [-1, 10]"]
+        );
+        assert_eq!(
+            output_clashes(&mlp, &[t("probabilities", "FP32", &[10])]).len(),
+            1,
+            "rank differs"
+        );
     }
 }

@@ -8,8 +8,16 @@ use std::time::SystemTime;
 use http::HeaderValue;
 use switchyard_config::{GatewayConfig, PolicySet};
 
+use std::sync::atomic::AtomicU32;
+
+use parking_lot::Mutex;
+use prometheus::IntCounter;
+
 use crate::metrics::{Metrics, RouteMetrics, TargetMetrics};
-use crate::routing::{self, Route, TargetId};
+use crate::routing::{self, Plan, Route, TargetId};
+use crate::strategy::CascadeStats;
+use crate::strategy::cache::RouteCache;
+use crate::strategy::shadow::ShadowStats;
 use crate::upstream::{Pool, TargetKey, TargetState, Upstreams};
 
 /// One immutable policy version.
@@ -33,7 +41,27 @@ pub(crate) struct RouteEntry {
     pub(crate) name_header: HeaderValue,
     pub(crate) targets: Box<[TargetEntry]>,
     pub(crate) metrics: RouteMetrics,
+    /// Stage statistics of each cascade plan, by plan id.
+    pub(crate) cascades: HashMap<u16, Arc<CascadeStats>>,
+    /// Ok, below-quorum and error counters of each ensemble plan, by plan id.
+    pub(crate) ensembles: HashMap<u16, [IntCounter; 3]>,
+    /// Request metrics of answers that plans other than a single target gave, by plan id
+    /// (labelled with the plan's name as the target).
+    pub(crate) plan_metrics: HashMap<u16, TargetMetrics>,
+    pub(crate) shadow: Option<Arc<ShadowStats>>,
+    pub(crate) cache: Option<RouteCache>,
 }
+
+/// Strategy state that outlives snapshots: a route's cache survives a reload that keeps
+/// its settings (entries of a changed plan become unreachable through the key), and the
+/// shadow bound is shared by the old and new snapshot's copies in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    caches: Mutex<HashMap<(String, CacheSpecKey), RouteCache>>,
+    shadow_in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+}
+
+type CacheSpecKey = (u128, u64);
 
 /// A target with its breaker, pool, header value and metric handles.
 #[derive(Debug)]
@@ -71,6 +99,7 @@ impl Snapshot {
         config: &GatewayConfig,
         upstreams: &Upstreams,
         metrics: &Metrics,
+        kept: &Kept,
     ) -> Self {
         let table = routing::compile(policies, config);
         let mut routes = HashMap::new();
@@ -97,11 +126,59 @@ impl Snapshot {
             if targets.len() != route.targets.len() {
                 continue;
             }
+            let mut cascades = HashMap::new();
+            let mut ensembles = HashMap::new();
+            let mut plan_metrics = HashMap::new();
+            for (i, plan) in route.plans.iter().enumerate() {
+                let name = route.plan_name(routing::PlanId(i as u16));
+                if !matches!(plan, Plan::Target(_)) {
+                    plan_metrics.insert(i as u16, metrics.target(&route.name, &name));
+                }
+                match plan {
+                    Plan::Cascade(stages) => {
+                        cascades.insert(
+                            i as u16,
+                            Arc::new(metrics.cascade(&route.name, &name, stages.len())),
+                        );
+                    }
+                    Plan::Ensemble(_) => {
+                        ensembles.insert(i as u16, metrics.ensemble(&route.name, &name));
+                    }
+                    _ => {}
+                }
+            }
+            let shadow = route.shadow.as_ref().map(|sh| {
+                let in_flight = kept
+                    .shadow_in_flight
+                    .lock()
+                    .entry(route.name.to_string())
+                    .or_default()
+                    .clone();
+                Arc::new(metrics.shadow(&route.name, &sh.name, in_flight, sh.max_in_flight))
+            });
+            let cache = route.cache.map(|spec| {
+                let key = (
+                    route.name.to_string(),
+                    (spec.ttl.as_nanos(), spec.max_bytes),
+                );
+                kept.caches
+                    .lock()
+                    .entry(key)
+                    .or_insert_with(|| {
+                        RouteCache::new(spec.ttl, spec.max_bytes, metrics.cache(&route.name))
+                    })
+                    .clone()
+            });
             let entry = RouteEntry {
                 name_header: header(&route.name),
                 metrics: metrics.route(&route.name),
                 route: route.clone(),
                 targets,
+                cascades,
+                ensembles,
+                plan_metrics,
+                shadow,
+                cache,
             };
             routes.insert(route.name.to_string().into_boxed_str(), Arc::new(entry));
         }

@@ -84,7 +84,12 @@ fn decide(route: &Route, case: &Case) -> Result<(String, Reason), String> {
             .collect();
         assert_eq!(&got, want, "candidates for {case:?}");
     }
-    Ok((route.target(d.target).name.to_string(), d.reason))
+    // A decision names the target it chose, or the plan (cascade, ensemble) it runs.
+    let chosen = match d.target {
+        Some(t) => route.target(t).name.to_string(),
+        None => route.plan_name(d.plan).to_string(),
+    };
+    Ok((chosen, d.reason))
 }
 
 fn reason(r: Reason) -> String {
@@ -146,4 +151,30 @@ fn routing_fixtures() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A split inside a split draws afresh: among requests the outer split sends to the inner
+/// one, the inner members get their weights' shares, not a slice tied to the outer draw.
+#[test]
+fn nested_splits_draw_independently() {
+    let fixture: Fixture = serde_saphyr::from_str(
+        &std::fs::read_to_string(root().join("tests/routing/plans.yaml")).unwrap(),
+    )
+    .unwrap();
+    let route = route_of(&fixture.policy);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let n = 4000u64;
+    for i in 0..n {
+        // Evenly spread draws over the 32-bit range the outer split reads.
+        let case = Case {
+            random: (i << 32) / n,
+            ..serde_saphyr::from_str("{}").unwrap()
+        };
+        *counts.entry(decide(&route, &case).unwrap().0).or_default() += 1;
+    }
+    assert_eq!(counts["a"], 2000, "{counts:?}");
+    for inner in ["b", "c"] {
+        let share = f64::from(counts[inner]) / 2000.0;
+        assert!((0.45..0.55).contains(&share), "{counts:?}");
+    }
 }

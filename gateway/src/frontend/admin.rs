@@ -1,5 +1,6 @@
 //! The admin API (loopback by default): `/metrics`, `GET /admin/policy`,
-//! `POST /admin/reload` (bearer token), `GET /admin/targets`, and the health endpoints.
+//! `POST /admin/reload` (bearer token), `GET /admin/targets`, `GET /admin/shadow` (running
+//! shadow agreement per route), and the health endpoints.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -77,6 +78,34 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
                 }
             }
             json_reply(200, json!({ "targets": rows }))
+        }
+        ("GET", "/admin/shadow") => {
+            let mut rows = Vec::new();
+            for entry in snapshot.routes.values() {
+                let (Some(spec), Some(s)) = (&entry.route.shadow, &entry.shadow) else {
+                    continue;
+                };
+                let (agreed, disagreed) = (s.agree.get(), s.disagree.get());
+                let compared = agreed + disagreed;
+                rows.push(json!({
+                    "route": &*entry.route.name,
+                    "shadow": &*spec.name,
+                    "percent": spec.threshold as f64 / 4_294_967_296.0 * 100.0,
+                    "compared": compared,
+                    "agreed": agreed,
+                    "agreement_rate": if compared == 0 { None } else { Some(agreed as f64 / compared as f64) },
+                    "mean_max_abs_difference": (compared > 0).then(|| s.max_abs_diff.get_sample_sum() / s.max_abs_diff.get_sample_count().max(1) as f64),
+                    "mean_latency_delta_seconds": (compared > 0).then(|| s.latency_delta.get_sample_sum() / s.latency_delta.get_sample_count().max(1) as f64),
+                    "ok": s.ok.get(),
+                    "errors": s.error.get(),
+                    "dropped": s.dropped.get(),
+                    "uncomparable": s.uncomparable.get(),
+                    "in_flight": s.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    "max_in_flight": s.max_in_flight,
+                }));
+            }
+            rows.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
+            json_reply(200, json!({ "shadows": rows }))
         }
         ("POST", "/admin/reload") => match &shared.admin_token {
             None => json_reply(

@@ -2,6 +2,8 @@
 //! answers health and server metadata itself, sends route-level calls through `models`,
 //! and writes the reply with `grpc-status` trailers.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::HeaderMap;
 use pingora_core::protocols::http::ServerSession;
@@ -17,6 +19,7 @@ use tokio::time::Instant;
 use super::{Said, models, read_body};
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::snapshot::Snapshot;
 use crate::upstream::client::{frame, parse_grpc_timeout, percent_encode, unframe};
 use crate::wire::split_infer_request;
 
@@ -24,7 +27,7 @@ const SERVICE: &str = "/inference.GRPCInferenceService/";
 const PROTOCOL: usize = 0;
 
 /// Serves one gRPC request to completion.
-pub(crate) async fn serve(shared: &Shared, session: &mut Session) {
+pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
     let start = Instant::now();
     let snapshot = shared.snapshot.load_full();
     let mut said = Said {
@@ -47,8 +50,8 @@ pub(crate) async fn serve(shared: &Shared, session: &mut Session) {
 }
 
 async fn handle(
-    shared: &Shared,
-    snapshot: &crate::snapshot::Snapshot,
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
     session: &mut Session,
     start: Instant,
     said: &mut Said,

@@ -20,8 +20,15 @@ pub(crate) struct Said {
     pub(crate) route: Option<HeaderValue>,
     pub(crate) target: Option<HeaderValue>,
     pub(crate) policy: Option<HeaderValue>,
+    /// `x-switchyard-cache`: hit, miss or bypass.
+    pub(crate) cache: Option<&'static str>,
+    /// `x-switchyard-cascade-stage`: the 1-based stage that answered.
+    pub(crate) cascade_stage: Option<HeaderValue>,
+    /// `x-switchyard-cascade`: why that stage answered.
+    pub(crate) cascade: Option<&'static str>,
+    /// `x-switchyard-shadow`: whether a shadow copy was sent or dropped.
+    pub(crate) shadow: Option<&'static str>,
 }
-
 impl Said {
     pub(crate) fn apply(&self, resp: &mut ResponseHeader) {
         for (name, value) in [
@@ -31,6 +38,18 @@ impl Said {
         ] {
             if let Some(v) = value {
                 let _ = resp.insert_header(name, v.clone());
+            }
+        }
+        if let Some(v) = &self.cascade_stage {
+            let _ = resp.insert_header("x-switchyard-cascade-stage", v.clone());
+        }
+        for (name, value) in [
+            ("x-switchyard-cache", self.cache),
+            ("x-switchyard-cascade", self.cascade),
+            ("x-switchyard-shadow", self.shadow),
+        ] {
+            if let Some(v) = value {
+                let _ = resp.insert_header(name, v);
             }
         }
     }

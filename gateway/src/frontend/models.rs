@@ -2,10 +2,11 @@
 //! route's readiness, metadata, config and statistics (those of its targets, under the
 //! route's name).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use prost::Message;
 use switchyard_proto::inference::{
     ModelConfigRequest, ModelConfigResponse, ModelMetadataRequest, ModelMetadataResponse,
@@ -16,10 +17,12 @@ use tokio::time::Instant;
 use super::Said;
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::execute::{self, Executor};
 use crate::invoke;
 use crate::metrics::Outcome;
-use crate::routing::TargetId;
+use crate::routing::{Decision, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
+use crate::strategy::{Invoker, cache, shadow};
 use crate::upstream::MODEL_READY;
 use crate::upstream::client::code;
 use crate::wire::InferMessage;
@@ -44,11 +47,13 @@ pub(crate) fn route<'a>(
         })
 }
 
-/// Routes and runs one inference; returns the `ModelInferResponse` bytes.
+/// Routes and runs one inference; returns the `ModelInferResponse` bytes. A decision for
+/// one target on a route without shadow or cache takes the direct path; everything else
+/// runs through the [`Executor`] and the strategies.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn infer(
-    shared: &Shared,
-    snapshot: &Snapshot,
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
     headers: &HeaderMap,
     message: InferMessage,
     client_deadline: Option<Duration>,
@@ -58,9 +63,10 @@ pub(crate) async fn infer(
 ) -> Result<Bytes, GatewayError> {
     let entry = route(snapshot, &message.model_name)?;
     said.route = Some(entry.name_header.clone());
+    let random: u64 = rand::random();
     let decision = match entry
         .route
-        .decide(headers, &message.model_version, rand::random(), &|t| {
+        .decide(headers, &message.model_version, random, &|t| {
             entry.available(t)
         }) {
         Ok(d) => d,
@@ -74,6 +80,17 @@ pub(crate) async fn infer(
         }
     };
     let budget = client_deadline.map_or(entry.route.deadline, |d| d.min(entry.route.deadline));
+    if decision.target.is_none() || entry.shadow.is_some() || entry.cache.is_some() {
+        let run = Run {
+            entry,
+            decision,
+            random,
+            budget,
+            protocol,
+            start,
+        };
+        return strategic(shared, snapshot, headers, message, run, said).await;
+    }
     let result = invoke::infer(
         &shared.upstreams,
         &shared.budget,
@@ -82,6 +99,10 @@ pub(crate) async fn infer(
         &message,
         start + budget,
         budget,
+        invoke::How {
+            fallback: true,
+            shadow: false,
+        },
     )
     .await;
     let seconds = start.elapsed().as_secs_f64();
@@ -104,6 +125,133 @@ pub(crate) async fn infer(
             metrics.finish(protocol, failure.error.outcome(), seconds);
             tracing::debug!(route = %entry.route.name, error = %failure.error, "inference failed");
             Err(failure.error)
+        }
+    }
+}
+
+/// A routed request on its way through the strategies.
+struct Run<'a> {
+    entry: &'a Arc<RouteEntry>,
+    decision: Decision,
+    random: u64,
+    budget: Duration,
+    protocol: usize,
+    start: Instant,
+}
+
+/// Runs a decision through the executor, with the route's shadow and cache.
+async fn strategic(
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
+    headers: &HeaderMap,
+    message: InferMessage,
+    run: Run<'_>,
+    said: &mut Said,
+) -> Result<Bytes, GatewayError> {
+    let Run {
+        entry,
+        decision,
+        random,
+        budget,
+        protocol,
+        start,
+    } = run;
+    let deadline = start + budget;
+    let exec = Executor::new(
+        shared.clone(),
+        snapshot.clone(),
+        entry.clone(),
+        Arc::new(message),
+        Arc::new(headers.clone()),
+        random,
+        budget,
+    );
+    // The shadow copy is spawned before the primary runs; on this thread's event loop it
+    // starts once the primary's request is out (and never holds the primary up).
+    // A request whose primary already is the shadow plan is not copied: the pair would
+    // agree with itself and inflate the agreement rate.
+    let report = match (&entry.route.shadow, &entry.shadow) {
+        (Some(spec), _) if spec.plan == decision.plan => {
+            said.shadow = Some("same");
+            None
+        }
+        (Some(spec), Some(stats)) if shadow::sampled(spec.threshold, random) => {
+            let copy = exec.as_shadow();
+            let plan = spec.plan;
+            let report =
+                shadow::start(stats.clone(), async move { copy.run(plan, deadline).await });
+            said.shadow = Some(if report.is_some() { "sent" } else { "dropped" });
+            report
+        }
+        _ => None,
+    };
+    let primary = exec.decided(&decision, deadline);
+    let result = match &entry.cache {
+        Some(cache) => {
+            let control = cache::Control::from_header(
+                headers
+                    .get(http::header::CACHE_CONTROL)
+                    .map(|v| v.as_bytes()),
+            );
+            let plan = match decision.target {
+                Some(t) => entry.route.target(t).label.clone(),
+                None => entry.route.plan_name(decision.plan),
+            };
+            match cache::key(
+                &entry.route.name,
+                entry.route.fingerprint,
+                &plan,
+                &exec.message,
+            ) {
+                Ok(key) => cache
+                    .serve(key, control, primary)
+                    .await
+                    .map(|(answer, outcome)| {
+                        said.cache = Some(outcome.header());
+                        answer
+                    }),
+                Err(e) => Err(e),
+            }
+        }
+        None => primary.await,
+    };
+    let took = start.elapsed();
+    let answered = result.as_ref().ok().and_then(|a| {
+        entry
+            .route
+            .targets
+            .iter()
+            .position(|t| t.label == a.label)
+            .map(|i| TargetId(i as u16))
+    });
+    let metrics = match (answered, decision.target) {
+        (Some(t), _) | (None, Some(t)) => &entry.target(t).metrics,
+        (None, None) => entry
+            .plan_metrics
+            .get(&decision.plan.0)
+            .unwrap_or(&entry.metrics.unrouted),
+    };
+    match result {
+        Ok(answer) => {
+            metrics.finish(protocol, Outcome::Ok, took.as_secs_f64());
+            said.target = HeaderValue::from_str(&answer.label).ok();
+            if let Some((stage, verdict)) = answer.cascade {
+                said.cascade_stage = Some(HeaderValue::from(stage + 1));
+                said.cascade = Some(execute::verdict_label(verdict));
+            }
+            if let Some(report) = report {
+                let _ = report.send((answer.response.clone(), took));
+            }
+            tracing::debug!(route = %entry.route.name, target = %answer.label, ?decision, "inference");
+            Ok(answer.response)
+        }
+        Err(error) => {
+            if let Some(t) = decision.target {
+                said.target = Some(entry.target(t).label_header.clone());
+            }
+            metrics.finish(protocol, error.outcome(), took.as_secs_f64());
+            tracing::debug!(route = %entry.route.name, %error, "inference failed");
+            Err(error)
         }
     }
 }
@@ -138,6 +286,7 @@ async fn control<Req: Message, Resp: Message + Default>(
             path,
             &[Bytes::from(req.encode_to_vec())],
             CONTROL_BUDGET,
+            false,
         )
         .await
         .map_err(|e| GatewayError::UpstreamFailed {

@@ -1,6 +1,8 @@
 //! The KServe v2 REST frontend: health, server and model metadata, config, statistics, and
 //! inference with JSON or binary tensors, each mapped onto the gRPC upstream.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost_reflect::{DynamicMessage, ReflectMessage, SerializeOptions};
@@ -64,7 +66,7 @@ fn parse_path(path: &str) -> Option<Call<'_>> {
 }
 
 /// Serves one REST request to completion.
-pub(crate) async fn serve(shared: &Shared, session: &mut Session) {
+pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
     let start = Instant::now();
     let snapshot = shared.snapshot.load_full();
     let mut said = Said {
@@ -123,8 +125,8 @@ fn proto_json(m: &impl ReflectMessage) -> Result<Bytes, GatewayError> {
 }
 
 async fn handle(
-    shared: &Shared,
-    snapshot: &Snapshot,
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
     session: &mut Session,
     start: Instant,
     said: &mut Said,
@@ -232,8 +234,8 @@ async fn handle(
 }
 
 async fn infer(
-    shared: &Shared,
-    snapshot: &Snapshot,
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
     session: &mut Session,
     route: &str,
     version: &str,

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use http::HeaderMap;
 
-use super::{Draw, Plan, Reason, Route, Split};
+use super::{Accept, Combine, Draw, Plan, PlanId, Reason, Route, Split};
 
 /// Explains the decision for a request to `route` with `headers` and `model_version`.
 pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> String {
@@ -50,38 +50,37 @@ pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> Strin
             }
         }
     }
-    let plan = match decision.reason {
-        Reason::Rule(i) => Some(&route.rules[i].plan),
-        Reason::Default => Some(&route.default),
-        Reason::Pinned => None,
-    };
-    if let Some(Plan::Split(split)) = plan {
-        describe_split(&mut out, route, split, headers, decision.draw);
+    if let Some(split) = decision.split
+        && let Plan::Split(s) = route.plan(split)
+    {
+        describe_split(&mut out, route, s, headers, decision.draw);
     }
-    let t = route.target(decision.target);
-    let _ = writeln!(
-        out,
-        "target {}: model {} version {} on backend {}{}",
-        t.name,
-        t.model,
-        if t.version.is_empty() {
-            "(newest)"
-        } else {
-            &t.version
-        },
-        t.backend,
-        t.release
-            .as_deref()
-            .map(|r| format!(", release {r}"))
-            .unwrap_or_default()
-    );
-    let fallbacks: Vec<&str> = route
-        .candidates(&decision)
-        .skip(1)
-        .map(|id| &*route.target(id).name)
-        .collect();
-    if !fallbacks.is_empty() {
-        let _ = writeln!(out, "if it is unavailable: {}", fallbacks.join(", then "));
+    describe_plan(&mut out, route, decision.plan, 0);
+    if decision.target.is_some() {
+        let fallbacks: Vec<&str> = route
+            .candidates(&decision)
+            .skip(1)
+            .map(|id| &*route.target(id).name)
+            .collect();
+        if !fallbacks.is_empty() {
+            let _ = writeln!(out, "if it is unavailable: {}", fallbacks.join(", then "));
+        }
+    }
+    if let Some(sh) = &route.shadow {
+        let percent = sh.threshold as f64 / 4_294_967_296.0 * 100.0;
+        let _ = writeln!(
+            out,
+            "shadow: {percent:.0}% of requests are copied to {} (at most {} in flight); answers compared, never returned",
+            route.plan_name(sh.plan),
+            sh.max_in_flight
+        );
+    }
+    if let Some(c) = &route.cache {
+        let _ = writeln!(
+            out,
+            "cache: successful answers served for {:?} (up to {} bytes)",
+            c.ttl, c.max_bytes
+        );
     }
     let _ = writeln!(
         out,
@@ -97,6 +96,93 @@ pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> Strin
     out
 }
 
+fn describe_plan(out: &mut String, route: &Route, plan: PlanId, depth: usize) {
+    let pad = "  ".repeat(depth);
+    if depth > 8 {
+        let _ = writeln!(out, "{pad}...");
+        return;
+    }
+    match route.plan(plan) {
+        Plan::Target(t) => {
+            let t = route.target(*t);
+            let _ = writeln!(
+                out,
+                "{pad}target {}: model {} version {} on backend {}{}",
+                t.name,
+                t.model,
+                if t.version.is_empty() {
+                    "(newest)"
+                } else {
+                    &t.version
+                },
+                t.backend,
+                t.release
+                    .as_deref()
+                    .map(|r| format!(", release {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        Plan::Split(s) => {
+            let members: Vec<String> = s
+                .members()
+                .iter()
+                .map(|(m, w)| format!("{} ({w})", route.plan_name(*m)))
+                .collect();
+            let _ = writeln!(out, "{pad}split: {}", members.join(", "));
+        }
+        Plan::Cascade(stages) => {
+            let _ = writeln!(out, "{pad}cascade of {} stages:", stages.len());
+            for (i, st) in stages.iter().enumerate() {
+                let test = match &st.accept {
+                    Some(Accept::MaxProbability(x)) => format!(
+                        "answers if every row's top value of {} >= {x}",
+                        st.output.as_deref().unwrap_or("the first output")
+                    ),
+                    Some(Accept::Margin(x)) => format!(
+                        "answers if every row's top-two margin of {} >= {x}",
+                        st.output.as_deref().unwrap_or("the first output")
+                    ),
+                    None => "always answers".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{pad}  stage {} ({}): {test}",
+                    i + 1,
+                    route.plan_name(st.plan)
+                );
+                describe_plan(out, route, st.plan, depth + 2);
+            }
+        }
+        Plan::Ensemble(e) => {
+            let _ = writeln!(
+                out,
+                "{pad}ensemble ({}) of {} members, quorum {}{}:",
+                match e.combine {
+                    Combine::Mean => "mean",
+                    Combine::WeightedMean => "weighted_mean",
+                    Combine::MajorityVote => "majority_vote",
+                    Combine::Max => "max",
+                },
+                e.members.len(),
+                e.quorum,
+                e.member_timeout
+                    .map(|t| format!(", member timeout {t:?}"))
+                    .unwrap_or_default()
+            );
+            for (m, w) in e.members.iter() {
+                let _ = writeln!(out, "{pad}  member {} (weight {w})", route.plan_name(*m));
+                describe_plan(out, route, *m, depth + 2);
+            }
+        }
+        Plan::Route(r) => {
+            let _ = writeln!(
+                out,
+                "{pad}delegates to route {r}: its rules and plan decide"
+            );
+        }
+    }
+}
+
 fn describe_split(
     out: &mut String,
     route: &Route,
@@ -108,10 +194,10 @@ fn describe_split(
     let shares: Vec<String> = split
         .members()
         .iter()
-        .map(|(t, w)| {
+        .map(|(p, w)| {
             format!(
                 "{} {:.1}%",
-                route.target(*t).name,
+                route.plan_name(*p),
                 100.0 * f64::from(*w) / total as f64
             )
         })

@@ -27,6 +27,11 @@ pub use split::{Draw, Split};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TargetId(pub u16);
 
+/// Index of a plan within its route. The first plans are the targets, in order, so
+/// `PlanId(i)` for `i < targets.len()` is target `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanId(pub u16);
+
 /// A model version on a backend pool, as one route names it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -44,13 +49,55 @@ pub struct Target {
     pub label: Arc<str>,
 }
 
-/// How a plan picks a target.
+/// A confidence test on one output of a cascade stage's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accept {
+    /// Every row's highest value is at least this.
+    MaxProbability(f64),
+    /// Every row's highest value minus its second highest is at least this.
+    Margin(f64),
+}
+
+/// One cascade stage.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// What runs.
+    pub plan: PlanId,
+    /// The test its answer must pass (`None` on the last stage).
+    pub accept: Option<Accept>,
+    /// The output the test reads (`None`: the first output).
+    pub output: Option<Arc<str>>,
+}
+
+/// How an ensemble combines outputs.
+pub use switchyard_config::policy::Combine;
+
+/// An ensemble.
+#[derive(Debug, Clone)]
+pub struct Ensemble {
+    /// Members and their weights (1.0 unless `weighted_mean`).
+    pub members: Box<[(PlanId, f64)]>,
+    /// How outputs combine.
+    pub combine: Combine,
+    /// Members needed.
+    pub quorum: usize,
+    /// Time a member may take (`None`: the request's deadline).
+    pub member_timeout: Option<Duration>,
+}
+
+/// How a plan picks a target, or combines several.
 #[derive(Debug, Clone)]
 pub enum Plan {
     /// One target.
     Target(TargetId),
-    /// A weighted split.
+    /// A weighted split across plans.
     Split(Split),
+    /// Stages in order.
+    Cascade(Box<[Stage]>),
+    /// Members in parallel, combined.
+    Ensemble(Ensemble),
+    /// Another route's decision.
+    Route(Arc<str>),
 }
 
 /// A header rule.
@@ -59,7 +106,7 @@ pub struct Rule {
     /// All must match.
     pub matchers: Box<[HeaderMatcher]>,
     /// What matching requests get.
-    pub plan: Plan,
+    pub plan: PlanId,
 }
 
 /// Retry settings of a route.
@@ -71,6 +118,28 @@ pub struct RetryPolicy {
     pub idempotent: bool,
 }
 
+/// Shadow traffic of a route.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    /// What the copy runs.
+    pub plan: PlanId,
+    /// A name for metrics and logs (the target or plan name).
+    pub name: Arc<str>,
+    /// Share of requests copied, as a fraction of 2^32 (compared with a random u32).
+    pub threshold: u64,
+    /// Copies in flight at most.
+    pub max_in_flight: u32,
+}
+
+/// The response cache settings of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// How long an entry serves.
+    pub ttl: Duration,
+    /// Memory for entries.
+    pub max_bytes: u64,
+}
+
 /// One compiled route.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -80,10 +149,14 @@ pub struct Route {
     pub file: Arc<str>,
     /// Targets, indexed by `TargetId`.
     pub targets: Box<[Target]>,
+    /// All plans; the first `targets.len()` are the targets.
+    pub plans: Box<[Plan]>,
+    /// Names of named plans (for explain), by plan id.
+    pub plan_names: HashMap<u16, Arc<str>>,
     /// Rules in order.
     pub rules: Box<[Rule]>,
     /// The plan when no rule matches.
-    pub default: Plan,
+    pub default: PlanId,
     /// Targets to try, in order, when the chosen one is unavailable.
     pub fallback: Box<[TargetId]>,
     /// Time budget per request.
@@ -92,6 +165,13 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// Whether `model_version` may pin a target.
     pub version_pinning: bool,
+    /// Shadow traffic, if any.
+    pub shadow: Option<Shadow>,
+    /// The response cache, if any.
+    pub cache: Option<CacheSpec>,
+    /// A hash of everything that decides answers (targets and plans): cache entries of a
+    /// route whose plan changed are not served after a reload.
+    pub fingerprint: u64,
 }
 
 /// Why a decision came out as it did.
@@ -105,11 +185,16 @@ pub enum Reason {
     Default,
 }
 
-/// Which target a request goes to, and why.
+/// Which plan a request runs, and why. Splits are resolved: `plan` is a target, a
+/// cascade, an ensemble or a route reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
-    /// The chosen target.
-    pub target: TargetId,
+    /// The plan to run.
+    pub plan: PlanId,
+    /// The target, when the plan is one.
+    pub target: Option<TargetId>,
+    /// The split that chose it, if one did (its fallback candidates).
+    pub split: Option<PlanId>,
     /// Which part of the policy chose it.
     pub reason: Reason,
     /// How a split drew it, if a split did.
@@ -139,8 +224,8 @@ pub enum RouteError {
 
 impl Route {
     /// Routes a request: pin by `model_version`, else the first matching rule, else the
-    /// default plan. `random` feeds splits without a sticky key; `healthy` says which
-    /// targets are available (splits skip the others).
+    /// default plan; splits are resolved. `random` feeds splits without a sticky key;
+    /// `healthy` says which targets are available (splits skip the others).
     pub fn decide(
         &self,
         headers: &HeaderMap,
@@ -156,8 +241,10 @@ impl Route {
             }
             return self
                 .pinned(model_version)
-                .map(|target| Decision {
-                    target,
+                .map(|t| Decision {
+                    plan: PlanId(t.0),
+                    target: Some(t),
+                    split: None,
                     reason: Reason::Pinned,
                     draw: None,
                 })
@@ -166,22 +253,71 @@ impl Route {
                     version: model_version.to_owned(),
                 });
         }
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.matchers.iter().all(|m| m.matches(headers)) {
-                let (target, draw) = pick(&rule.plan, headers, random, healthy);
-                return Ok(Decision {
-                    target,
-                    reason: Reason::Rule(i),
-                    draw,
-                });
-            }
+        let (plan, reason) = self
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.matchers.iter().all(|m| m.matches(headers)))
+            .map_or((self.default, Reason::Default), |(i, rule)| {
+                (rule.plan, Reason::Rule(i))
+            });
+        Ok(self.resolve(plan, reason, headers, random, healthy))
+    }
+
+    /// Resolves splits down to a plan that runs, sticky keys and health included.
+    pub fn resolve(
+        &self,
+        mut plan: PlanId,
+        reason: Reason,
+        headers: &HeaderMap,
+        mut random: u64,
+        healthy: &dyn Fn(TargetId) -> bool,
+    ) -> Decision {
+        let mut split = None;
+        let mut draw = None;
+        // Splits may nest; validation bounds the depth (no cycles), this loop too.
+        for _ in 0..self.plans.len() {
+            let Plan::Split(s) = self.plan(plan) else {
+                break;
+            };
+            let key = s
+                .sticky
+                .as_ref()
+                .and_then(|h| headers.get(h))
+                .map(|v| v.as_bytes());
+            let available = |p: PlanId| self.available(p, healthy);
+            let (member, d) = s.pick(key, random, &available);
+            split = Some(plan);
+            draw = Some(d);
+            plan = member;
+            // A nested split draws afresh: reusing the point would tie its choice to the
+            // outer one (a member chosen from the top of the range would pick the top too).
+            random = remix(random);
         }
-        let (target, draw) = pick(&self.default, headers, random, healthy);
-        Ok(Decision {
+        let target = match self.plan(plan) {
+            Plan::Target(t) => Some(*t),
+            _ => None,
+        };
+        Decision {
+            plan,
             target,
-            reason: Reason::Default,
+            split,
+            reason,
             draw,
-        })
+        }
+    }
+
+    /// Whether a plan can take traffic: a target by `healthy`, a split if any member can,
+    /// anything else (it degrades by its own rules) always.
+    fn available(&self, plan: PlanId, healthy: &dyn Fn(TargetId) -> bool) -> bool {
+        match self.plan(plan) {
+            Plan::Target(t) => healthy(*t),
+            Plan::Split(s) => s
+                .members()
+                .iter()
+                .any(|(m, _)| *m != plan && self.available(*m, healthy)),
+            _ => true,
+        }
     }
 
     /// The target a `model_version` pins: a release label first, then a Triton version.
@@ -198,34 +334,46 @@ impl Route {
         by_release.or_else(by_version).map(|i| TargetId(i as u16))
     }
 
-    /// The target of the default plan with no headers (for metadata: the route's face).
+    /// A target that represents the route (metadata, config): the default plan's first
+    /// target, following splits, cascades (their last, largest stage) and ensembles.
     pub fn default_target(&self) -> TargetId {
-        match &self.default {
-            Plan::Target(t) => *t,
-            Plan::Split(s) => s.members()[0].0,
+        let mut plan = self.default;
+        for _ in 0..self.plans.len() {
+            plan = match self.plan(plan) {
+                Plan::Target(t) => return *t,
+                Plan::Split(s) => s.members()[0].0,
+                Plan::Cascade(stages) => stages[stages.len() - 1].plan,
+                Plan::Ensemble(e) => e.members[0].0,
+                Plan::Route(_) => break,
+            };
         }
+        TargetId(0)
     }
 
-    /// Targets to try in order for a request whose decision was `first`: `first`, then
-    /// the fallback list, then the other members of the plan that chose it.
+    /// Targets to try in order for a decision that chose a target: it, then the fallback
+    /// list, then the other target members of the split that chose it.
     pub fn candidates(&self, decision: &Decision) -> impl Iterator<Item = TargetId> + '_ {
-        let plan = match decision.reason {
-            Reason::Rule(i) => Some(&self.rules[i].plan),
-            Reason::Default => Some(&self.default),
-            Reason::Pinned => None,
-        };
-        let members: &[(TargetId, u32)] = match plan {
+        let members: &[(PlanId, u32)] = match decision.split.map(|s| self.plan(s)) {
             Some(Plan::Split(s)) => s.members(),
             _ => &[],
         };
         let first = decision.target;
-        std::iter::once(first)
-            .chain(self.fallback.iter().copied().filter(move |t| *t != first))
+        first
+            .into_iter()
+            .chain(
+                self.fallback
+                    .iter()
+                    .copied()
+                    .filter(move |t| Some(*t) != first),
+            )
             .chain(
                 members
                     .iter()
-                    .map(|(t, _)| *t)
-                    .filter(move |t| *t != first && !self.fallback.contains(t)),
+                    .filter_map(|(p, _)| match self.plan(*p) {
+                        Plan::Target(t) => Some(*t),
+                        _ => None,
+                    })
+                    .filter(move |t| Some(*t) != first && !self.fallback.contains(t)),
             )
     }
 
@@ -233,26 +381,33 @@ impl Route {
     pub fn target(&self, id: TargetId) -> &Target {
         &self.targets[id.0 as usize]
     }
-}
 
-fn pick(
-    plan: &Plan,
-    headers: &HeaderMap,
-    random: u64,
-    healthy: &dyn Fn(TargetId) -> bool,
-) -> (TargetId, Option<Draw>) {
-    match plan {
-        Plan::Target(t) => (*t, None),
-        Plan::Split(split) => {
-            let key = split
-                .sticky
-                .as_ref()
-                .and_then(|h| headers.get(h))
-                .map(|v| v.as_bytes());
-            let (t, draw) = split.pick(key, random, healthy);
-            (t, Some(draw))
+    /// The plan by id.
+    pub fn plan(&self, id: PlanId) -> &Plan {
+        &self.plans[id.0 as usize]
+    }
+
+    /// A plan's name: its target's or named plan's, else its kind.
+    pub fn plan_name(&self, id: PlanId) -> Arc<str> {
+        if let Some(n) = self.plan_names.get(&id.0) {
+            return n.clone();
+        }
+        match self.plan(id) {
+            Plan::Target(t) => self.target(*t).name.clone(),
+            Plan::Split(_) => "split".into(),
+            Plan::Cascade(_) => "cascade".into(),
+            Plan::Ensemble(_) => "ensemble".into(),
+            Plan::Route(r) => format!("route:{r}").into(),
         }
     }
+}
+
+/// SplitMix64's finaliser: a fresh, well-spread number from a used one.
+fn remix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// All routes of one policy set, by name.
@@ -291,19 +446,90 @@ pub fn load(
     ))
 }
 
+/// Builds a route's plan arena: targets first, then named plans, then inline plans.
+struct Arena<'a> {
+    plans: Vec<Plan>,
+    names: HashMap<&'a str, PlanId>,
+}
+
+impl<'a> Arena<'a> {
+    fn push(&mut self, plan: Plan) -> PlanId {
+        self.plans.push(plan);
+        PlanId((self.plans.len() - 1) as u16)
+    }
+
+    fn named(&self, name: &str) -> PlanId {
+        // Invariant: validation checked every name; an unknown one maps to the first target.
+        self.names.get(name).copied().unwrap_or(PlanId(0))
+    }
+
+    fn compile(&mut self, cfg: &PlanConfig) -> PlanId {
+        match cfg {
+            PlanConfig::Target(name) => self.named(name),
+            PlanConfig::Split(s) => {
+                let members = s
+                    .weights
+                    .iter()
+                    .filter_map(|(name, w)| Some((self.named(name), u32::try_from(w.value).ok()?)))
+                    .collect();
+                let sticky = s
+                    .sticky
+                    .as_ref()
+                    .and_then(|st| st.value.strip_prefix("header:"))
+                    .and_then(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok());
+                self.push(Plan::Split(Split::new(members, sticky, &s.salt)))
+            }
+            PlanConfig::Cascade(stages) => {
+                let stages = stages
+                    .iter()
+                    .map(|st| Stage {
+                        plan: self.compile(&st.plan.value),
+                        accept: st.accept.as_ref().and_then(|a| {
+                            match (a.value.max_probability, a.value.margin) {
+                                (Some(x), _) => Some(Accept::MaxProbability(x)),
+                                (None, Some(x)) => Some(Accept::Margin(x)),
+                                _ => None,
+                            }
+                        }),
+                        output: st
+                            .accept
+                            .as_ref()
+                            .and_then(|a| a.value.output.as_deref().map(Into::into)),
+                    })
+                    .collect();
+                self.push(Plan::Cascade(stages))
+            }
+            PlanConfig::Ensemble(e) => {
+                let members: Box<[(PlanId, f64)]> = e
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        (
+                            self.compile(&m.value),
+                            e.weights.get(i).copied().unwrap_or(1.0),
+                        )
+                    })
+                    .collect();
+                let quorum = e.quorum.unwrap_or(members.len());
+                self.push(Plan::Ensemble(Ensemble {
+                    members,
+                    combine: e.combine,
+                    quorum,
+                    member_timeout: e.member_timeout.map(|t| t.0),
+                }))
+            }
+            PlanConfig::Route(r) => self.push(Plan::Route(r.as_str().into())),
+        }
+    }
+}
+
 /// Compiles a validated policy set. Validation has already rejected everything that could
-/// fail here, so unknown references cannot occur; they would be skipped, not panic.
+/// fail here, so unknown references cannot occur; they would be mapped, not panic.
 pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
     let mut routes = HashMap::new();
     for loaded in &policies.files {
         let p = &loaded.policy;
-        let names: Vec<&str> = p.targets.keys().map(String::as_str).collect();
-        let id = |name: &str| {
-            names
-                .iter()
-                .position(|n| *n == name)
-                .map(|i| TargetId(i as u16))
-        };
         let targets: Box<[Target]> = p
             .targets
             .iter()
@@ -325,27 +551,32 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
                 }
             })
             .collect();
-        let plan = |cfg: &PlanConfig| -> Plan {
-            match cfg {
-                PlanConfig::Target(t) => Plan::Target(id(t).unwrap_or(TargetId(0))),
-                PlanConfig::Split(s) => {
-                    let members = s
-                        .weights
-                        .iter()
-                        .filter_map(|(name, w)| Some((id(name)?, u32::try_from(w.value).ok()?)))
-                        .collect();
-                    let sticky = s
-                        .sticky
-                        .as_ref()
-                        .and_then(|st| st.value.strip_prefix("header:"))
-                        .and_then(|h| {
-                            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
-                        });
-                    Plan::Split(Split::new(members, sticky, &s.salt))
-                }
-            }
+        let mut arena = Arena {
+            plans: Vec::new(),
+            names: HashMap::new(),
         };
-        let rules = p
+        for (i, name) in p.targets.keys().enumerate() {
+            arena.push(Plan::Target(TargetId(i as u16)));
+            arena.names.insert(name.as_str(), PlanId(i as u16));
+        }
+        // Named plans get their ids first (they may refer to each other), then bodies.
+        let mut plan_names = HashMap::new();
+        let reserved: Vec<(PlanId, &PlanConfig)> = p
+            .plans
+            .iter()
+            .map(|(name, plan)| {
+                let id = arena.push(Plan::Route("".into()));
+                arena.names.insert(name.as_str(), id);
+                plan_names.insert(id.0, Arc::<str>::from(name.as_str()));
+                (id, &plan.value)
+            })
+            .collect();
+        for (id, cfg) in reserved {
+            // A named plan that is only a name is an alias: copy what it names.
+            let compiled = arena.compile(cfg);
+            arena.plans[id.0 as usize] = arena.plans[compiled.0 as usize].clone();
+        }
+        let rules: Box<[Rule]> = p
             .rules
             .iter()
             .map(|r| Rule {
@@ -356,16 +587,51 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
                     .iter()
                     .filter_map(|(name, cond)| matcher(name, cond))
                     .collect(),
-                plan: plan(&r.plan.value),
+                plan: arena.compile(&r.plan.value),
             })
             .collect();
+        let default = arena.compile(&p.default.value);
+        let shadow = p.shadow.as_ref().map(|sh| {
+            let sh = &sh.value;
+            let (plan, name) = match (&sh.target, &sh.plan) {
+                (Some(t), _) => (arena.named(t), Arc::<str>::from(t.as_str())),
+                (None, Some(plan)) => (arena.compile(plan), Arc::<str>::from("plan")),
+                (None, None) => (PlanId(0), Arc::<str>::from("invalid")),
+            };
+            Shadow {
+                plan,
+                name,
+                threshold: ((sh.percent / 100.0) * 4_294_967_296.0) as u64,
+                max_in_flight: sh.max_in_flight,
+            }
+        });
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            format!(
+                "{:?}|{:?}|{:?}|{:?}",
+                p.targets,
+                p.plans,
+                p.rules.iter().map(|r| &r.plan).collect::<Vec<_>>(),
+                p.default
+            )
+            .hash(&mut h);
+            h.finish()
+        };
         let route = Route {
             name: p.route.value.as_str().into(),
             file: loaded.file.display().to_string().into(),
+            fallback: p
+                .fallback
+                .iter()
+                .filter_map(|f| p.targets.get_index_of(&f.value))
+                .map(|i| TargetId(i as u16))
+                .collect(),
             targets,
+            plans: arena.plans.into(),
+            plan_names,
             rules,
-            default: plan(&p.default.value),
-            fallback: p.fallback.iter().filter_map(|f| id(&f.value)).collect(),
+            default,
             deadline: p
                 .deadline
                 .as_ref()
@@ -381,6 +647,12 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
                 },
             ),
             version_pinning: p.version_pinning,
+            shadow,
+            cache: p.cache.as_ref().map(|c| CacheSpec {
+                ttl: c.value.ttl.0,
+                max_bytes: c.value.max_bytes.0,
+            }),
+            fingerprint,
         };
         routes.insert(p.route.value.as_str().into(), Arc::new(route));
     }

@@ -8,13 +8,13 @@
 
 use http::HeaderName;
 
-use super::TargetId;
+use super::PlanId;
 
 /// A compiled split.
 #[derive(Debug, Clone)]
 pub struct Split {
     /// Members with their weights, in file order.
-    members: Box<[(TargetId, u32)]>,
+    members: Box<[(PlanId, u32)]>,
     /// Σ weights.
     total: u64,
     /// The header whose value is the sticky key, if any.
@@ -33,7 +33,7 @@ pub enum Draw {
 
 impl Split {
     /// Builds a split; members with weight 0 are rejected by validation before this.
-    pub fn new(members: Vec<(TargetId, u32)>, sticky: Option<HeaderName>, salt: &str) -> Self {
+    pub fn new(members: Vec<(PlanId, u32)>, sticky: Option<HeaderName>, salt: &str) -> Self {
         let total = members.iter().map(|(_, w)| u64::from(*w)).sum();
         Self {
             members: members.into(),
@@ -44,7 +44,7 @@ impl Split {
     }
 
     /// The members and weights, in order.
-    pub fn members(&self) -> &[(TargetId, u32)] {
+    pub fn members(&self) -> &[(PlanId, u32)] {
         &self.members
     }
 
@@ -56,8 +56,8 @@ impl Split {
         &self,
         key: Option<&[u8]>,
         random: u64,
-        healthy: &dyn Fn(TargetId) -> bool,
-    ) -> (TargetId, Draw) {
+        healthy: &dyn Fn(PlanId) -> bool,
+    ) -> (PlanId, Draw) {
         let (point, draw) = match key {
             // A point in [0, 1) as a 32-bit fraction, from the salted key.
             Some(k) => (u64::from(murmur2_salted(&self.salt, k)), Draw::Sticky),
@@ -132,7 +132,7 @@ pub(crate) fn murmur2_salted(salt: &[u8], key: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
-    fn all(_: TargetId) -> bool {
+    fn all(_: PlanId) -> bool {
         true
     }
 
@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn random_draws_follow_the_weights() {
-        let split = Split::new(vec![(TargetId(0), 90), (TargetId(1), 10)], None, "");
+        let split = Split::new(vec![(PlanId(0), 90), (PlanId(1), 10)], None, "");
         let mut counts = [0u32; 2];
         let mut x = 0x1234_5678_9abc_def0u64;
         for _ in 0..100_000 {
@@ -169,7 +169,7 @@ mod tests {
     fn raising_the_canary_only_adds_keys() {
         let at = |canary: u32| {
             Split::new(
-                vec![(TargetId(0), 100 - canary), (TargetId(1), canary)],
+                vec![(PlanId(0), 100 - canary), (PlanId(1), canary)],
                 None,
                 "salt",
             )
@@ -177,7 +177,7 @@ mod tests {
         let keys: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
         let on_canary = |s: &Split| -> Vec<bool> {
             keys.iter()
-                .map(|k| s.pick(Some(k.as_bytes()), 0, &all).0 == TargetId(1))
+                .map(|k| s.pick(Some(k.as_bytes()), 0, &all).0 == PlanId(1))
                 .collect()
         };
         let mut before = on_canary(&at(5));
@@ -198,14 +198,14 @@ mod tests {
 
     #[test]
     fn unhealthy_members_are_skipped_unless_none_is_left() {
-        let split = Split::new(vec![(TargetId(0), 50), (TargetId(1), 50)], None, "");
+        let split = Split::new(vec![(PlanId(0), 50), (PlanId(1), 50)], None, "");
         for r in [0u64, 1 << 31, u64::MAX] {
-            assert_eq!(split.pick(None, r, &|t| t == TargetId(1)).0, TargetId(1));
+            assert_eq!(split.pick(None, r, &|t| t == PlanId(1)).0, PlanId(1));
         }
         let none = split.pick(None, 0, &|_| false);
         assert_eq!(
             none.0,
-            TargetId(0),
+            PlanId(0),
             "with nothing healthy the original weights apply"
         );
     }

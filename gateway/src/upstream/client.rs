@@ -53,7 +53,8 @@ pub(crate) enum CallError {
 }
 
 /// One unary call: `path` (`/inference.GRPCInferenceService/ModelInfer`), the message as
-/// chunks, within `budget`. The remaining budget travels as `grpc-timeout`.
+/// chunks, within `budget`. The remaining budget travels as `grpc-timeout`; shadow copies
+/// carry `x-switchyard-shadow: 1`.
 pub(crate) async fn unary(
     connector: &Connector,
     peer: &HttpPeer,
@@ -61,10 +62,11 @@ pub(crate) async fn unary(
     path: &str,
     message: &[Bytes],
     budget: Duration,
+    shadow: bool,
 ) -> Result<Reply, CallError> {
     match tokio::time::timeout(
         budget,
-        exchange(connector, peer, endpoint, path, message, budget),
+        exchange(connector, peer, endpoint, path, message, budget, shadow),
     )
     .await
     {
@@ -83,6 +85,7 @@ async fn exchange(
     path: &str,
     message: &[Bytes],
     budget: Duration,
+    shadow: bool,
 ) -> Result<Reply, CallError> {
     let connect = |e: Box<pingora_core::Error>| CallError::Connect {
         endpoint: endpoint.to_owned(),
@@ -107,6 +110,11 @@ async fn exchange(
     req.insert_header("te", "trailers").map_err(connect)?;
     req.insert_header("grpc-timeout", grpc_timeout(budget))
         .map_err(connect)?;
+    if shadow {
+        // Backends (and their logs and metrics) can tell shadow traffic apart.
+        req.insert_header("x-switchyard-shadow", "1")
+            .map_err(connect)?;
+    }
     h2.write_request_header(Box::new(req), false)
         .map_err(connect)?;
     // Hand the body to h2 directly: pingora's write_request_body first waits for flow-control

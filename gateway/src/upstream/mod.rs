@@ -251,6 +251,7 @@ impl Upstreams {
         path: &str,
         message: &[Bytes],
         budget: Duration,
+        shadow: bool,
     ) -> Result<Reply, CallError> {
         client::unary(
             &connector(),
@@ -259,6 +260,7 @@ impl Upstreams {
             path,
             message,
             budget,
+            shadow,
         )
         .await
     }
@@ -289,6 +291,7 @@ impl Upstreams {
                         SERVER_READY,
                         &[Bytes::from(ServerReadyRequest {}.encode_to_vec())],
                         timeout,
+                        false,
                     )
                     .await
                 {
@@ -332,6 +335,7 @@ impl Upstreams {
                     MODEL_READY,
                     &[Bytes::from(req.encode_to_vec())],
                     timeout,
+                    false,
                 )
                 .await
             {

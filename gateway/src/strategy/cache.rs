@@ -1,0 +1,422 @@
+//! The response cache of a route: successful answers keyed by a 128-bit hash of what
+//! decides them, bounded in bytes, with a TTL, `Cache-Control` handling, and concurrent
+//! identical misses sharing one upstream call (moka's `or_try_insert_with`).
+//!
+//! The key is structural, as Triton's is: the route's plan fingerprint and the chosen plan,
+//! then each input's name, datatype, shape and bytes (in name order), the requested
+//! outputs, and the parameters that can change an answer. JSON and binary REST bodies and
+//! raw or typed gRPC tensors of the same values hash alike... as long as they encode the
+//! same bytes: raw and typed contents of one tensor are different keys.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use moka::future::Cache;
+use prometheus::{IntCounter, IntGauge};
+use prost::Message;
+use switchyard_proto::inference::ModelInferRequest;
+use xxhash_rust::xxh3::Xxh3;
+
+use super::Answer;
+use crate::error::GatewayError;
+use crate::wire::InferMessage;
+
+/// Parameters that change when or how an answer comes, never what it is.
+const NOT_IN_KEY: [&str; 6] = [
+    "timeout",
+    "priority",
+    "binary_data_output",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+];
+
+/// What a request's `Cache-Control` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// Look up, store on a miss.
+    Normal,
+    /// Skip the lookup, store the answer.
+    NoCache,
+    /// Neither look up nor store.
+    NoStore,
+}
+
+impl Control {
+    pub(crate) fn from_header(value: Option<&[u8]>) -> Self {
+        let Some(v) = value.and_then(|v| std::str::from_utf8(v).ok()) else {
+            return Self::Normal;
+        };
+        let directives: Vec<String> = v
+            .split(',')
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect();
+        if directives.iter().any(|d| d == "no-store") {
+            Self::NoStore
+        } else if directives.iter().any(|d| d == "no-cache") {
+            Self::NoCache
+        } else {
+            Self::Normal
+        }
+    }
+}
+
+/// How a request was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Hit,
+    Miss,
+    /// Another request's upstream call answered this one too.
+    Coalesced,
+    Bypass,
+}
+
+impl Outcome {
+    /// The `x-switchyard-cache` value: a coalesced wait caused no upstream call of its own.
+    pub(crate) fn header(self) -> &'static str {
+        match self {
+            Self::Hit | Self::Coalesced => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
+/// Counters of one route's cache.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheMetrics {
+    pub(crate) hits: IntCounter,
+    pub(crate) misses: IntCounter,
+    pub(crate) coalesced: IntCounter,
+    pub(crate) bypass: IntCounter,
+    pub(crate) evictions: IntCounter,
+    pub(crate) bytes: IntGauge,
+}
+
+/// One route's cache.
+#[derive(Clone)]
+pub(crate) struct RouteCache {
+    entries: Cache<u128, Answer>,
+    metrics: CacheMetrics,
+}
+
+impl std::fmt::Debug for RouteCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteCache")
+            .field("entries", &self.entries.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteCache {
+    pub(crate) fn new(ttl: std::time::Duration, max_bytes: u64, metrics: CacheMetrics) -> Self {
+        let evictions = metrics.evictions.clone();
+        let entries = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &u128, v: &Answer| {
+                u32::try_from(16 + v.response.len() + v.label.len()).unwrap_or(u32::MAX)
+            })
+            .time_to_live(ttl)
+            .eviction_listener(move |_k, _v, cause| {
+                if cause.was_evicted() {
+                    evictions.inc();
+                }
+            })
+            .build();
+        Self { entries, metrics }
+    }
+
+    /// Serves from the cache or runs `upstream` (once for concurrent identical misses).
+    pub(crate) async fn serve<F>(
+        &self,
+        key: u128,
+        control: Control,
+        upstream: F,
+    ) -> Result<(Answer, Outcome), GatewayError>
+    where
+        F: std::future::Future<Output = Result<Answer, GatewayError>>,
+    {
+        let m = &self.metrics;
+        let result = match control {
+            Control::NoStore => {
+                m.bypass.inc();
+                return upstream.await.map(|a| (a, Outcome::Bypass));
+            }
+            Control::NoCache => {
+                m.bypass.inc();
+                let answer = upstream.await?;
+                self.entries.insert(key, answer.clone()).await;
+                (answer, Outcome::Miss)
+            }
+            Control::Normal => {
+                if let Some(hit) = self.entries.get(&key).await {
+                    m.hits.inc();
+                    return Ok((hit, Outcome::Hit));
+                }
+                let entry = self
+                    .entries
+                    .entry(key)
+                    .or_try_insert_with(upstream)
+                    .await
+                    .map_err(|e: Arc<GatewayError>| (*e).clone())?;
+                if entry.is_fresh() {
+                    m.misses.inc();
+                    (entry.into_value(), Outcome::Miss)
+                } else {
+                    m.coalesced.inc();
+                    (entry.into_value(), Outcome::Coalesced)
+                }
+            }
+        };
+                if result.1 == Outcome::Miss {
+            // moka applies writes lazily; settle them so the size (and evictions) are
+            // current. Only stores pay for it, never hits.
+            self.entries.run_pending_tasks().await;
+            m.bytes
+                .set(i64::try_from(self.entries.weighted_size()).unwrap_or(i64::MAX));
+        }
+        Ok(result)}
+}
+
+/// The cache key of a request to `route` (its plan fingerprint) that will run `plan`.
+pub(crate) fn key(
+    route: &str,
+    fingerprint: u64,
+    plan: &str,
+    message: &InferMessage,
+) -> Result<u128, GatewayError> {
+    let body: Bytes = if message.rest.len() == 1 {
+        message.rest[0].clone()
+    } else {
+        let mut all = BytesMut::new();
+        message.rest.iter().for_each(|c| all.extend_from_slice(c));
+        all.freeze()
+    };
+    let req = ModelInferRequest::decode(body)
+        .map_err(|e| GatewayError::BadRequest(format!("cannot decode ModelInferRequest: {e}")))?;
+    let mut h = Xxh3::new();
+    let mut put = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    put(route.as_bytes());
+    put(&fingerprint.to_le_bytes());
+    put(plan.as_bytes());
+    let mut inputs: Vec<usize> = (0..req.inputs.len()).collect();
+    inputs.sort_by(|&a, &b| req.inputs[a].name.cmp(&req.inputs[b].name));
+    for i in inputs {
+        let input = &req.inputs[i];
+        put(input.name.as_bytes());
+        put(input.datatype.as_bytes());
+        let shape: Vec<u8> = input.shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+        put(&shape);
+        match req.raw_input_contents.get(i) {
+            Some(raw) => put(raw),
+            None => put(&input
+                .contents
+                .as_ref()
+                .map(|c| c.encode_to_vec())
+                .unwrap_or_default()),
+        }
+    }
+    let mut outputs: Vec<&str> = req.outputs.iter().map(|o| o.name.as_str()).collect();
+    outputs.sort_unstable();
+    put(outputs.join("\0").as_bytes());
+    let mut params: Vec<(&String, Vec<u8>)> = req
+        .parameters
+        .iter()
+        .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
+        .map(|(k, v)| (k, v.encode_to_vec()))
+        .collect();
+    params.sort();
+    for (k, v) in params {
+        put(k.as_bytes());
+        put(&v);
+    }
+    Ok(h.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::wire::split_infer_request;
+    use switchyard_proto::inference::model_infer_request::InferInputTensor;
+
+    fn metrics() -> CacheMetrics {
+        let c = |n: &str| IntCounter::new(format!("c_{n}"), "t").unwrap();
+        CacheMetrics {
+            hits: c("h"),
+            misses: c("m"),
+            coalesced: c("c"),
+            bypass: c("b"),
+            evictions: c("e"),
+            bytes: IntGauge::new("g", "t").unwrap(),
+        }
+    }
+
+    fn message(values: [u8; 4], timeout: Option<i64>) -> InferMessage {
+        let mut r = ModelInferRequest {
+            model_name: "route".into(),
+            id: "any".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "UINT8".into(),
+                shape: vec![1, 4],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![Bytes::copy_from_slice(&values)],
+            ..Default::default()
+        };
+        if let Some(t) = timeout {
+            r.parameters.insert(
+                "timeout".into(),
+                switchyard_proto::inference::InferParameter {
+                    parameter_choice: Some(
+                        switchyard_proto::inference::infer_parameter::ParameterChoice::Int64Param(
+                            t,
+                        ),
+                    ),
+                },
+            );
+        }
+        split_infer_request(&Bytes::from(r.encode_to_vec())).unwrap()
+    }
+
+    fn answer(n: usize) -> Answer {
+        Answer {
+            response: Bytes::from(vec![n as u8; 8]),
+            label: "m/1".into(),
+            cascade: None,
+        }
+    }
+
+    #[test]
+    fn keys_depend_on_what_decides_the_answer_only() {
+        let k = |m: &InferMessage, plan: &str, fp: u64| key("r", fp, plan, m).unwrap();
+        let base = k(&message([1, 2, 3, 4], None), "m/1", 7);
+        assert_eq!(
+            base,
+            k(&message([1, 2, 3, 4], Some(5000)), "m/1", 7),
+            "timeouts and ids do not matter"
+        );
+        assert_ne!(
+            base,
+            k(&message([1, 2, 3, 5], None), "m/1", 7),
+            "tensor bytes do"
+        );
+        assert_ne!(
+            base,
+            k(&message([1, 2, 3, 4], None), "m/2", 7),
+            "the chosen target does"
+        );
+        assert_ne!(
+            base,
+            k(&message([1, 2, 3, 4], None), "m/1", 8),
+            "a changed plan does"
+        );
+    }
+
+    #[tokio::test]
+    async fn hits_bypasses_and_control_headers() {
+        let cache = RouteCache::new(Duration::from_secs(60), 1 << 20, metrics());
+        let calls = AtomicUsize::new(0);
+        let run = || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            Ok(answer(n))
+        };
+        let (a, o) = cache.serve(1, Control::Normal, run()).await.unwrap();
+        assert_eq!((o, a.response[0]), (Outcome::Miss, 0));
+        let (a, o) = cache.serve(1, Control::Normal, run()).await.unwrap();
+        assert_eq!(
+            (o, a.response[0]),
+            (Outcome::Hit, 0),
+            "served from the cache"
+        );
+        let (a, o) = cache.serve(1, Control::NoCache, run()).await.unwrap();
+        assert_eq!(
+            (o, a.response[0]),
+            (Outcome::Miss, 1),
+            "no-cache skips the lookup"
+        );
+        let (a, _) = cache.serve(1, Control::Normal, run()).await.unwrap();
+        assert_eq!(a.response[0], 1, "and stores the fresh answer");
+        let (a, o) = cache.serve(2, Control::NoStore, run()).await.unwrap();
+        assert_eq!((o, a.response[0]), (Outcome::Bypass, 2));
+        let (_, o) = cache.serve(2, Control::Normal, run()).await.unwrap();
+        assert_eq!(o, Outcome::Miss, "no-store stored nothing");
+        let failed = cache
+            .serve(3, Control::Normal, async {
+                Err(GatewayError::BadRequest("no".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+        let (_, o) = cache.serve(3, Control::Normal, run()).await.unwrap();
+        assert_eq!(o, Outcome::Miss, "errors are never stored");
+        assert_eq!(
+            Control::from_header(Some(b"max-age=0, No-Store")),
+            Control::NoStore
+        );
+        assert_eq!(Control::from_header(Some(b"no-cache")), Control::NoCache);
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_misses_share_one_upstream_call() {
+        let cache = RouteCache::new(Duration::from_secs(60), 1 << 20, metrics());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .serve(9, Control::Normal, async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok(answer(5))
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            let (a, o) = t.await.unwrap();
+            assert_eq!(a.response[0], 5);
+            outcomes.push(o);
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one upstream call for sixteen requests"
+        );
+        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Miss).count(), 1);
+        assert_eq!(cache.metrics.coalesced.get() + cache.metrics.hits.get(), 15);
+    }
+
+    #[tokio::test]
+    async fn entries_expire_after_the_ttl() {
+        // moka keeps its own clock, so this waits for real: 150 ms.
+        let cache = RouteCache::new(Duration::from_millis(100), 1 << 20, metrics());
+        cache
+            .serve(1, Control::Normal, async { Ok(answer(1)) })
+            .await
+            .unwrap();
+        assert_eq!(
+            cache
+                .serve(1, Control::Normal, async { Ok(answer(2)) })
+                .await
+                .unwrap()
+                .1,
+            Outcome::Hit
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (a, o) = cache
+            .serve(1, Control::Normal, async { Ok(answer(3)) })
+            .await
+            .unwrap();
+        assert_eq!((o, a.response[0]), (Outcome::Miss, 3));
+    }
+}
