@@ -168,14 +168,15 @@ impl RouteCache {
                 }
             }
         };
-                if result.1 == Outcome::Miss {
+        if result.1 == Outcome::Miss {
             // moka applies writes lazily; settle them so the size (and evictions) are
             // current. Only stores pay for it, never hits.
             self.entries.run_pending_tasks().await;
             m.bytes
                 .set(i64::try_from(self.entries.weighted_size()).unwrap_or(i64::MAX));
         }
-        Ok(result)}
+        Ok(result)
+    }
 }
 
 /// The cache key of a request to `route` (its plan fingerprint) that will run `plan`.
