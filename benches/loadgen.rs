@@ -11,7 +11,13 @@
 //!   `benches/nginx-grpc.conf`), interleaved per concurrency; prints gateway/direct and
 //!   gateway/nginx for throughput and latency. nginx missing: its column is skipped.
 //!
-//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies] [--duration 5]
+//! * `strategies`: two backends and `switchyard gateway` with the sample strategy routes,
+//!   over the held-out rows, interleaved per concurrency: single target vs the same with a
+//!   100% shadow; always-MLP vs the cascade (and MLP calls per request, from the gateway's
+//!   metrics); each ensemble member alone vs the ensemble of three; the same request
+//!   uncached vs served from the cache.
+//!
+//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies] [--duration 5]
 //! [--warmup 1] [--concurrency 1,8,32]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
 //! compare ratios from one run, never numbers from different runs.
@@ -97,27 +103,29 @@ impl Report {
     }
 }
 
-/// `concurrency` workers, each with its own connection, send `request` back to back.
+/// `concurrency` workers, each with its own connection, send `requests` back to back,
+/// cycling through them (each worker from its own offset).
 async fn closed_loop(
     addr: SocketAddr,
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
-    request: ModelInferRequest,
+    requests: Vec<ModelInferRequest>,
 ) -> Report {
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let mut workers = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    for worker in 0..concurrency {
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
             .await
             .expect("connect");
         let mut client = GrpcInferenceServiceClient::new(channel);
-        let request = request.clone();
+        let requests = requests.clone();
         workers.push(tokio::spawn(async move {
+            let mut next = worker * 7;
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let (mut ok, mut errors) = (0u64, 0u64);
             loop {
@@ -125,7 +133,9 @@ async fn closed_loop(
                 if t >= end {
                     break;
                 }
-                let result = client.model_infer(request.clone()).await;
+                let request = requests[next % requests.len()].clone();
+                next += 1;
+                let result = client.model_infer(request).await;
                 let done = Instant::now();
                 if t >= measure_from {
                     match result {
@@ -199,6 +209,25 @@ impl Server {
             .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
             .collect();
         Self { child, addrs }
+    }
+
+    /// CPU time (user + system) the process has used so far, in seconds (`/proc`, whose
+    /// clock ticks are USER_HZ = 100 on Linux).
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map_or(vec![], |(_, rest)| rest.split(' ').collect());
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        (ticks(11) + ticks(12)) / 100.0
     }
 
     fn addr(&self, key: &str) -> SocketAddr {
@@ -359,7 +388,7 @@ fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
             c,
             args.warmup,
             args.duration,
-            direct_req.clone(),
+            vec![direct_req.clone()],
         ));
         println!("{}", direct.row("direct", c));
         let gw = runtime.block_on(closed_loop(
@@ -367,7 +396,7 @@ fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
             c,
             args.warmup,
             args.duration,
-            gateway_req.clone(),
+            vec![gateway_req.clone()],
         ));
         println!("{}", gw.row("switchyard gateway", c));
         let ng = nginx.as_ref().map(|n| {
@@ -376,7 +405,7 @@ fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
                 c,
                 args.warmup,
                 args.duration,
-                direct_req.clone(),
+                vec![direct_req.clone()],
             ))
         });
         if let Some(ng) = &ng {
@@ -427,6 +456,9 @@ fn main() {
     if args.scenario == "backend" || args.scenario == "all" {
         backend_scenario(&args, &repo, &runtime);
     }
+    if args.scenario == "strategies" || args.scenario == "all" {
+        strategies(&args, &repo, &runtime);
+    }
 }
 
 fn backend_scenario(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
@@ -453,7 +485,7 @@ fn backend_scenario(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime)
             c,
             args.warmup,
             args.duration,
-            req.clone(),
+            vec![req.clone()],
         ));
         best_server = best_server.max(report.throughput());
         println!("{}", report.row("backend (gRPC)", c));
@@ -483,4 +515,225 @@ fn backend_scenario(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime)
         best.0,
         best_server / best.1
     );
+}
+
+/// The held-out rows as batch-1 requests to `route`.
+fn holdout_requests(route: &str) -> Vec<ModelInferRequest> {
+    #[derive(serde::Deserialize)]
+    struct Holdout {
+        features: Vec<Vec<f32>>,
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("backends/sample_data/digits_holdout.json");
+    let holdout: Holdout = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    holdout
+        .features
+        .iter()
+        .map(|row| {
+            let mut r = request(route, "", 1);
+            r.raw_input_contents = vec![
+                row.iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            ];
+            r
+        })
+        .collect()
+}
+
+/// One metric series summed over the lines that carry all `labels`, from `/metrics`.
+fn scrape(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|lb| l.contains(lb)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn strategies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
+    let backend = |name: &str| {
+        let s = Server::start(&[
+            "backend",
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ]);
+        (name.to_owned(), s)
+    };
+    let (stable, canary) = (backend("stable"), backend("canary"));
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for f in [
+        "digits-cascade.yaml",
+        "digits-ensemble.yaml",
+        "digits-cached.yaml",
+    ] {
+        std::fs::copy(samples.join(f), policies.join(f)).unwrap();
+    }
+    let single = |route: &str, pool: &str, model: &str, version: u32, extra: &str| {
+        let text = format!(
+            "version: 1\nroute: {route}\ntargets:\n  t: {{ backend: {pool}, model: {model}, version: {version} }}\n  mlp-v2: {{ backend: canary, model: digits_mlp, version: 2 }}\ndefault: t\ndeadline: 250ms\n{extra}"
+        );
+        std::fs::write(policies.join(format!("{route}.yaml")), text).unwrap();
+    };
+    single("mlp-v1", "stable", "digits_mlp", 1, "");
+    single(
+        "mlp-v1-shadowed",
+        "stable",
+        "digits_mlp",
+        1,
+        "shadow: { target: mlp-v2, percent: 100, max_in_flight: 1024 }\n",
+    );
+    single("mlp-v2", "canary", "digits_mlp", 2, "");
+    single("linear", "stable", "digits_linear", 1, "");
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  stable: {{ endpoints: [\"{}\"] }}\n  canary: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n",
+            stable.1.addr("grpc"),
+            canary.1.addr("grpc")
+        ),
+    )
+    .unwrap();
+    let gateway = Server::start(&[
+        "gateway",
+        "--config",
+        dir.path().join("gateway.yaml").to_str().unwrap(),
+    ]);
+    let (grpc, admin) = (gateway.addr("grpc"), gateway.addr("admin"));
+    println!(
+        "\nstrategies: the sample strategy routes through `switchyard gateway`, held-out rows, two backends on this machine"
+    );
+    println!(
+        "\n| route | concurrency | req/s | p50 µs | p90 µs | p99 µs | errors | gateway CPU µs/req | backends CPU µs/req |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let run = |route: &str, c: usize, requests: Vec<ModelInferRequest>| {
+        let cpu = || {
+            (
+                gateway.cpu_seconds(),
+                stable.1.cpu_seconds() + canary.1.cpu_seconds(),
+            )
+        };
+        let before = cpu();
+        let r = runtime.block_on(closed_loop(grpc, c, args.warmup, args.duration, requests));
+        let after = cpu();
+        // Warm-up requests used CPU too: divide by all requests sent, estimated from the rate.
+        let sent = r.throughput() * (args.warmup + args.duration).as_secs_f64();
+        let per = |a: f64, b: f64| (a - b) * 1e6 / sent.max(1.0);
+        println!(
+            "{} {:.0} | {:.0} |",
+            r.row(route, c),
+            per(after.0, before.0),
+            per(after.1, before.1)
+        );
+        r
+    };
+    let p = |r: &Report, q: f64| r.latency_us.value_at_quantile(q) as f64;
+    let mut rows = Vec::new();
+    for &c in &args.concurrency {
+        let single = run("mlp-v1", c, holdout_requests("mlp-v1"));
+        let dropped_before = scrape(
+            admin,
+            "switchyard_shadow_requests_total",
+            &["result=\"dropped\""],
+        );
+        let shadowed = run(
+            "mlp-v1 + 100% shadow to mlp-v2",
+            c,
+            holdout_requests("mlp-v1-shadowed"),
+        );
+        let dropped = scrape(
+            admin,
+            "switchyard_shadow_requests_total",
+            &["result=\"dropped\""],
+        ) - dropped_before;
+        rows.push(format!(
+            "| shadow | {c} | throughput {} | p50 {} | p99 {} (added p99 {:+.1}%) | {dropped} copies dropped |",
+            ratio(shadowed.throughput(), single.throughput()),
+            ratio(p(&shadowed, 0.5), p(&single, 0.5)),
+            ratio(p(&shadowed, 0.99), p(&single, 0.99)),
+            (p(&shadowed, 0.99) / p(&single, 0.99) - 1.0) * 100.0,
+        ));
+
+        let mlp = run("mlp-v2 (always the MLP)", c, holdout_requests("mlp-v2"));
+        let stage = |s: &str, outcome: &str| {
+            scrape(
+                admin,
+                "switchyard_cascade_stage_total",
+                &[
+                    "route=\"digits-cascade\"",
+                    &format!("stage=\"{s}\""),
+                    &format!("outcome=\"{outcome}\""),
+                ],
+            )
+        };
+        let before = (
+            stage("1", "answered") + stage("1", "escalated") + stage("1", "failed"),
+            stage("2", "answered") + stage("2", "failed"),
+        );
+        let cascade = run(
+            "digits-cascade (linear -> mlp-v2)",
+            c,
+            holdout_requests("digits-cascade"),
+        );
+        let after = (
+            stage("1", "answered") + stage("1", "escalated") + stage("1", "failed"),
+            stage("2", "answered") + stage("2", "failed"),
+        );
+        let mlp_calls = (after.1 - before.1) / (after.0 - before.0).max(1.0);
+        rows.push(format!(
+            "| cascade vs always-MLP | {c} | throughput {} | p50 {} | p99 {} | MLP calls per request {mlp_calls:.3} (always-MLP: 1) |",
+            ratio(cascade.throughput(), mlp.throughput()),
+            ratio(p(&cascade, 0.5), p(&mlp, 0.5)),
+            ratio(p(&cascade, 0.99), p(&mlp, 0.99)),
+        ));
+
+        let linear = run("linear", c, holdout_requests("linear"));
+        let ensemble = run(
+            "digits-ensemble (mean of 3)",
+            c,
+            holdout_requests("digits-ensemble"),
+        );
+        let members = [&single, &mlp, &linear];
+        let slowest = members.iter().map(|r| p(r, 0.5)).fold(0.0, f64::max);
+        let sum: f64 = members.iter().map(|r| p(r, 0.5)).sum();
+        rows.push(format!(
+            "| ensemble of 3 vs members alone | {c} | throughput vs mlp-v1 {} | p50 vs slowest member {} | p50 vs sum of members {} | p99 vs mlp-v1 {} |",
+            ratio(ensemble.throughput(), single.throughput()),
+            ratio(p(&ensemble, 0.5), slowest),
+            ratio(p(&ensemble, 0.5), sum),
+            ratio(p(&ensemble, 0.99), p(&single, 0.99)),
+        ));
+
+        // One request repeated: every call after the first is a hit.
+        let one = holdout_requests("digits-cached").swap_remove(0);
+        let mut uncached_one = one.clone();
+        uncached_one.model_name = "mlp-v1".to_owned();
+        let uncached = run("mlp-v1 (same request, uncached)", c, vec![uncached_one]);
+        let cached = run("digits-cached (cache hits)", c, vec![one]);
+        rows.push(format!(
+            "| cache hit vs uncached | {c} | throughput {} | p50 {} | p99 {} | |",
+            ratio(cached.throughput(), uncached.throughput()),
+            ratio(p(&cached, 0.5), p(&uncached, 0.5)),
+            ratio(p(&cached, 0.99), p(&uncached, 0.99)),
+        ));
+    }
+    println!(
+        "\n| comparison | concurrency | throughput ratio | p50 ratio | p99 ratio | note |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for r in rows {
+        println!("{r}");
+    }
 }
