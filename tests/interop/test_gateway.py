@@ -101,3 +101,28 @@ def test_statistics(grpc, holdout):
     stats = grpc.get_inference_statistics("digits-linear", as_json=True)["model_stats"]
     assert stats[0]["name"] == "digits-linear"
     assert int(stats[0]["inference_count"]) >= 1
+
+
+def test_strategy_routes_with_tritonclient(grpc, http, holdout):
+    """The sample cascade, ensemble and cached routes answer the official clients, batch 8,
+    over gRPC and over REST with JSON and binary tensors."""
+    x = rows(holdout, 8, start=40)
+    ref = {k: np.array(v["probabilities"][40:48]) for k, v in holdout["models"].items()}
+    mean = (ref["digits_mlp/1"] + ref["digits_mlp/2"] + ref["digits_linear/1"]) / 3
+    ginp = grpcclient.InferInput("INPUT__0", [8, 64], "FP32")
+    ginp.set_data_from_numpy(x)
+    np.testing.assert_allclose(grpc.infer("digits-ensemble", [ginp]).as_numpy("probabilities"), mean, atol=1e-5)
+    for binary in (True, False):
+        hinp = httpclient.InferInput("INPUT__0", [8, 64], "FP32")
+        hinp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput("probabilities", binary_data=binary)
+        np.testing.assert_allclose(http.infer("digits-ensemble", [hinp], outputs=[out]).as_numpy("probabilities"), mean, atol=1e-5)
+    # The cascade answers a batch from one stage: the linear model only when every row
+    # passes its margin test.
+    top2 = np.sort(ref["digits_linear/1"], axis=1)[:, -2:]
+    expected = ref["digits_linear/1"] if (top2[:, 1] - top2[:, 0] >= 0.2).all() else ref["digits_mlp/2"]
+    np.testing.assert_allclose(grpc.infer("digits-cascade", [ginp]).as_numpy("probabilities"), expected, atol=1e-5)
+    first = grpc.infer("digits-cached", [ginp]).as_numpy("probabilities")
+    again = grpc.infer("digits-cached", [ginp]).as_numpy("probabilities")
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, ref["digits_mlp/1"], atol=1e-5)
