@@ -19,6 +19,8 @@ use crate::wire::InferMessage;
 
 pub(crate) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
+/// A backend's timeout this close to the request's deadline is the deadline passing.
+const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 /// How one inference runs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct How {
@@ -134,6 +136,25 @@ pub(crate) async fn infer(
                     error: GatewayError::Upstream {
                         code: status,
                         message: text,
+                    },
+                    target: Some(target_id),
+                });
+            }
+            Ok(Reply {
+                status: code::DEADLINE_EXCEEDED | code::CANCELLED,
+                message: text,
+                ..
+            }) if deadline.saturating_duration_since(Instant::now()) < DEADLINE_SLACK => {
+                // The backend gave up on the budget we forwarded (its queue timeout, or
+                // tonic's grpc-timeout, which it reports as CANCELLED) as our own timer
+                // was about to: the request's deadline passed either way.
+                target.state.breaker.record(admission, false);
+                target.metrics.attempt(Attempt::Timeout);
+                return Err(Failure {
+                    error: GatewayError::Deadline {
+                        route: route.name.to_string(),
+                        after: total,
+                        detail: format!(" (the backend: {text})"),
                     },
                     target: Some(target_id),
                 });
