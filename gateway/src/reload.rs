@@ -16,8 +16,7 @@ use tracing::{info, warn};
 use crate::Shared;
 use crate::routing::{self, Plan, RoutingTable, TargetId};
 use crate::snapshot::Snapshot;
-use crate::upstream::Upstreams;
-use crate::upstream::client::code;
+use crate::upstream::{MODEL_METADATA, Upstreams};
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 
 /// The outcome of the last reload attempt, for `GET /admin/policy`.
@@ -153,7 +152,6 @@ const METADATA_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 /// dimension matches any). Members whose backend does not answer are not checked here;
 /// combining their outputs fails at request time with the same description instead.
 async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Diagnostic> {
-    use prost::Message;
     use switchyard_proto::inference::{ModelMetadataRequest, ModelMetadataResponse};
     let mut problems = Vec::new();
     for route in table.routes() {
@@ -174,20 +172,14 @@ async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> 
                     name: spec.model.to_string(),
                     version: spec.version.to_string(),
                 };
-                let reply = upstreams
-                    .call(
+                upstreams
+                    .control::<_, ModelMetadataResponse>(
                         pool.pick(),
-                        "/inference.GRPCInferenceService/ModelMetadata",
-                        &[bytes::Bytes::from(req.encode_to_vec())],
+                        MODEL_METADATA,
+                        &req,
                         METADATA_BUDGET,
-                        false,
                     )
                     .await
-                    .ok()?;
-                if reply.status != code::OK {
-                    return None;
-                }
-                ModelMetadataResponse::decode(reply.body)
                     .ok()
                     .map(|m| (t, m))
             });

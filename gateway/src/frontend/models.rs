@@ -23,11 +23,9 @@ use crate::metrics::Outcome;
 use crate::routing::{Decision, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{Invoker, cache, shadow};
-use crate::upstream::MODEL_READY;
-use crate::upstream::client::code;
+use crate::upstream::{ControlError, MODEL_METADATA, MODEL_READY};
 use crate::wire::InferMessage;
 
-const MODEL_METADATA: &str = "/inference.GRPCInferenceService/ModelMetadata";
 const MODEL_CONFIG: &str = "/inference.GRPCInferenceService/ModelConfig";
 const MODEL_STATISTICS: &str = "/inference.GRPCInferenceService/ModelStatistics";
 
@@ -279,30 +277,20 @@ async fn control<Req: Message, Resp: Message + Default>(
     req: &Req,
 ) -> Result<Resp, GatewayError> {
     let pool = &entry.target(target).pool;
-    let reply = shared
+    match shared
         .upstreams
-        .call(
-            pool.pick(),
-            path,
-            &[Bytes::from(req.encode_to_vec())],
-            CONTROL_BUDGET,
-            false,
-        )
+        .control(pool.pick(), path, req, CONTROL_BUDGET)
         .await
-        .map_err(|e| GatewayError::UpstreamFailed {
+    {
+        Ok(resp) => Ok(resp),
+        Err(ControlError::Status { code, message }) => {
+            Err(GatewayError::Upstream { code, message })
+        }
+        Err(e) => Err(GatewayError::UpstreamFailed {
             route: entry.route.name.to_string(),
             reason: e.to_string(),
-        })?;
-    if reply.status != code::OK {
-        return Err(GatewayError::Upstream {
-            code: reply.status,
-            message: reply.message,
-        });
+        }),
     }
-    Resp::decode(reply.body).map_err(|e| GatewayError::UpstreamFailed {
-        route: entry.route.name.to_string(),
-        reason: format!("undecodable reply: {e}"),
-    })
 }
 
 /// Whether the route can serve `version` (empty: its default plan) now.

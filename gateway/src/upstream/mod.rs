@@ -34,6 +34,21 @@ use client::{CallError, Reply};
 
 pub(crate) const SERVER_READY: &str = "/inference.GRPCInferenceService/ServerReady";
 pub(crate) const MODEL_READY: &str = "/inference.GRPCInferenceService/ModelReady";
+pub(crate) const MODEL_METADATA: &str = "/inference.GRPCInferenceService/ModelMetadata";
+
+/// Why a typed control call (`Upstreams::control`) gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ControlError {
+    /// The call itself failed (connect, transport, timeout).
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The backend answered with a non-OK status.
+    #[error("{message}")]
+    Status { code: i32, message: String },
+    /// The reply was not the expected message.
+    #[error("undecodable reply: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
 
 /// One backend endpoint.
 #[derive(Debug)]
@@ -265,6 +280,33 @@ impl Upstreams {
         .await
     }
 
+    /// One typed unary call (health, metadata, config, statistics): encodes `req`, checks
+    /// the status and decodes the reply.
+    pub(crate) async fn control<Req: Message, Resp: Message + Default>(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        req: &Req,
+        budget: Duration,
+    ) -> Result<Resp, ControlError> {
+        let reply = self
+            .call(
+                endpoint,
+                path,
+                &[Bytes::from(req.encode_to_vec())],
+                budget,
+                false,
+            )
+            .await?;
+        if reply.status != client::code::OK {
+            return Err(ControlError::Status {
+                code: reply.status,
+                message: reply.message,
+            });
+        }
+        Ok(Resp::decode(reply.body)?)
+    }
+
     /// Active health checks until `stop` fires: ServerReady on every endpoint, ModelReady
     /// for every known target on its pool.
     pub(crate) async fn run_health_checks(
@@ -285,21 +327,15 @@ impl Upstreams {
         let timeout = self.health.timeout.0;
         for pool in self.pools.values() {
             for endpoint in pool.endpoints.iter() {
-                let ok = match self
-                    .call(
+                let ok = self
+                    .control::<_, ServerReadyResponse>(
                         endpoint,
                         SERVER_READY,
-                        &[Bytes::from(ServerReadyRequest {}.encode_to_vec())],
+                        &ServerReadyRequest {},
                         timeout,
-                        false,
                     )
                     .await
-                {
-                    Ok(reply) if reply.status == client::code::OK => {
-                        ServerReadyResponse::decode(reply.body).is_ok_and(|r| r.ready)
-                    }
-                    _ => false,
-                };
+                    .is_ok_and(|r| r.ready);
                 if ok {
                     endpoint.failed_checks.store(0, Ordering::Release);
                     if endpoint.passed_checks.fetch_add(1, Ordering::AcqRel) + 1
@@ -330,21 +366,13 @@ impl Upstreams {
                 version: target.key.version.to_string(),
             };
             let ready = match self
-                .call(
-                    pool.pick(),
-                    MODEL_READY,
-                    &[Bytes::from(req.encode_to_vec())],
-                    timeout,
-                    false,
-                )
+                .control::<_, ModelReadyResponse>(pool.pick(), MODEL_READY, &req, timeout)
                 .await
             {
-                Ok(reply) if reply.status == client::code::OK => {
-                    ModelReadyResponse::decode(reply.body).is_ok_and(|r| r.ready)
-                }
-                Ok(_) => false,
+                Ok(r) => r.ready,
                 // A transport problem is the endpoint's, not the model's.
-                Err(_) => continue,
+                Err(ControlError::Call(_)) => continue,
+                Err(_) => false,
             };
             if target.ready.swap(ready, Ordering::AcqRel) != ready {
                 if ready {
