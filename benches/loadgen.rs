@@ -211,6 +211,19 @@ impl Server {
         Self { child, addrs }
     }
 
+    /// `switchyard backend` on `repo`, on ephemeral ports.
+    fn backend(repo: &Path) -> Self {
+        Self::start(&[
+            "backend",
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+    }
+
     /// CPU time (user + system) the process has used so far, in seconds (`/proc`, whose
     /// clock ticks are USER_HZ = 100 on Linux).
     fn cpu_seconds(&self) -> f64 {
@@ -341,15 +354,7 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
-    let backend = Server::start(&[
-        "backend",
-        "--model-repository",
-        repo.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let backend = Server::backend(repo);
     let backend_addr = backend.addr("grpc");
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -464,15 +469,7 @@ fn main() {
 fn backend_scenario(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
     println!("\nbackend: direct gRPC, then the runtime in-process");
 
-    let backend = Server::start(&[
-        "backend",
-        "--model-repository",
-        repo.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let backend = Server::backend(repo);
     let addr = backend.addr("grpc");
     let req = request(&args.model, &args.version, 1);
     println!(
@@ -558,19 +555,7 @@ fn scrape(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
 }
 
 fn strategies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
-    let backend = |name: &str| {
-        let s = Server::start(&[
-            "backend",
-            "--model-repository",
-            repo.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ]);
-        (name.to_owned(), s)
-    };
-    let (stable, canary) = (backend("stable"), backend("canary"));
+    let (stable, canary) = (Server::backend(repo), Server::backend(repo));
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
@@ -602,8 +587,8 @@ fn strategies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
         dir.path().join("gateway.yaml"),
         format!(
             "listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  stable: {{ endpoints: [\"{}\"] }}\n  canary: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n",
-            stable.1.addr("grpc"),
-            canary.1.addr("grpc")
+            stable.addr("grpc"),
+            canary.addr("grpc")
         ),
     )
     .unwrap();
@@ -623,7 +608,7 @@ fn strategies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
         let cpu = || {
             (
                 gateway.cpu_seconds(),
-                stable.1.cpu_seconds() + canary.1.cpu_seconds(),
+                stable.cpu_seconds() + canary.cpu_seconds(),
             )
         };
         let before = cpu();

@@ -12,14 +12,6 @@ use common::gateway::*;
 use common::*;
 use tonic::Code;
 
-/// Two backend pools on the sample repository, like `switchyard up`.
-async fn pools() -> (TestBackend, TestBackend) {
-    (
-        TestBackend::start(&sample_repo()).await,
-        TestBackend::start(&sample_repo()).await,
-    )
-}
-
 fn setup(
     stable: &TestBackend,
     canary: &TestBackend,

@@ -13,14 +13,6 @@ use common::*;
 use switchyard_config::policy::PlanConfig;
 use switchyard_proto::inference::{ModelInferResponse, ModelStatisticsRequest};
 
-/// Two backend pools on the sample repository, like `switchyard up`.
-async fn pools() -> (TestBackend, TestBackend) {
-    (
-        TestBackend::start(&sample_repo()).await,
-        TestBackend::start(&sample_repo()).await,
-    )
-}
-
 fn sample_policy(name: &str) -> String {
     std::fs::read_to_string(root().join("policies").join(name)).unwrap()
 }

@@ -19,6 +19,14 @@ pub struct TestGateway {
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
+/// Two backend pools on the sample repository, like `switchyard up`.
+pub async fn pools() -> (super::TestBackend, super::TestBackend) {
+    (
+        super::TestBackend::start(&super::sample_repo()).await,
+        super::TestBackend::start(&super::sample_repo()).await,
+    )
+}
+
 /// What the test gateway's `gateway.yaml` says beyond the defaults.
 pub struct GatewaySetup {
     /// `(pool, endpoint addresses)`.
