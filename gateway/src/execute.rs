@@ -1,121 +1,125 @@
 //! Runs a route's plans over the real upstreams: the gateway's [`Invoker`]. A target runs
-//! through `invoke` (breakers, deadline), a split resolves and runs its member, a cascade
-//! and an ensemble run their strategies, and a route reference runs that route's decision.
+//! through `upstream::attempt` (breakers, retries, deadline), a split resolves and runs its
+//! member, a cascade and an ensemble run their strategies, and a route reference runs that
+//! route's decision.
 //!
-//! The executor owns what it needs (`Arc`s and a copy of the message and headers), so a
-//! shadow copy can run on it after the primary's request has finished.
+//! The executor borrows the request (message, headers, snapshot), so the single-target
+//! case, the cheapest, copies nothing. A shadow copy outlives the request: it owns a
+//! [`ShadowCopy`] of what it needs and runs an executor over that.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::HeaderMap;
 use tokio::time::Instant;
 
 use crate::Shared;
 use crate::error::GatewayError;
-use crate::invoke::{self, How};
-use crate::routing::{Decision, Plan, PlanId, Reason};
+use crate::routing::{Decision, Plan, PlanId, Reason, remix};
 use crate::snapshot::{RouteEntry, Snapshot};
-use crate::strategy::{self, Answer, Invoker, Verdict, tensors};
+use crate::strategy::{self, Answer, AnsweredBy, Invoker, Verdict, tensors};
+use crate::upstream::Upstreams;
+use crate::upstream::attempt::{self, Deadline, Failure, Options, Upstream};
 use crate::wire::InferMessage;
 
 /// Route references may chain (validation rejects cycles); this bounds them anyway.
 const MAX_ROUTE_DEPTH: u8 = 8;
 
 /// One request's plans, run against one snapshot.
-#[derive(Clone)]
-pub(crate) struct Executor {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) snapshot: Arc<Snapshot>,
-    pub(crate) entry: Arc<RouteEntry>,
-    pub(crate) message: Arc<InferMessage>,
-    pub(crate) headers: Arc<HeaderMap>,
-    /// Feeds splits without a sticky key.
+#[derive(Clone, Copy)]
+pub(crate) struct Executor<'a> {
+    pub(crate) upstream: Upstream<'a, Upstreams>,
+    pub(crate) snapshot: &'a Snapshot,
+    pub(crate) entry: &'a RouteEntry,
+    pub(crate) message: &'a InferMessage,
+    pub(crate) headers: &'a HeaderMap,
+    /// Feeds splits without a sticky key; each nested split draws from a remix of it.
     pub(crate) random: u64,
-    /// The request's whole budget (for deadline messages).
-    pub(crate) total: Duration,
-    /// Whether this runs a shadow copy.
+    pub(crate) deadline: Deadline,
+    /// Whether this runs a shadow copy (marked for the backends).
     pub(crate) shadow: bool,
     depth: u8,
 }
 
-impl Executor {
-    #[allow(clippy::too_many_arguments)]
+impl<'a> Executor<'a> {
+    /// The primary run of a request on `entry`.
     pub(crate) fn new(
-        shared: Arc<Shared>,
-        snapshot: Arc<Snapshot>,
-        entry: Arc<RouteEntry>,
-        message: Arc<InferMessage>,
-        headers: Arc<HeaderMap>,
+        shared: &'a Shared,
+        snapshot: &'a Snapshot,
+        entry: &'a RouteEntry,
+        request: (&'a InferMessage, &'a HeaderMap),
         random: u64,
-        total: Duration,
+        deadline: Deadline,
     ) -> Self {
         Self {
-            shared,
+            upstream: Upstream {
+                call: &shared.upstreams,
+                budget: &shared.budget,
+            },
             snapshot,
             entry,
-            message,
-            headers,
+            message: request.0,
+            headers: request.1,
             random,
-            total,
+            deadline,
             shadow: false,
             depth: 0,
         }
     }
 
-    /// The same request as a shadow copy (marked for the backends).
-    pub(crate) fn as_shadow(&self) -> Self {
-        Self {
-            shadow: true,
-            ..self.clone()
-        }
-    }
-
     /// Runs a top-level decision: a target with the route's fallbacks, anything else by
-    /// its strategy.
-    pub(crate) async fn decided(
-        &self,
-        decision: &Decision,
-        deadline: Instant,
-    ) -> Result<Answer, GatewayError> {
+    /// its strategy. A failure names the target last tried, when one was.
+    pub(crate) async fn decided(&self, decision: &Decision) -> Result<Answer, Failure> {
         match decision.target {
-            Some(_) => self.target(decision, deadline, true).await,
-            None => self.plan(decision.plan, deadline).await,
+            Some(_) => self.target(decision, self.deadline, true).await,
+            None => self
+                .plan(decision.plan, self.deadline.at)
+                .await
+                .map_err(|error| Failure {
+                    error,
+                    target: None,
+                }),
         }
     }
 
     async fn target(
         &self,
         decision: &Decision,
-        deadline: Instant,
+        deadline: Deadline,
         fallback: bool,
-    ) -> Result<Answer, GatewayError> {
-        let e = &self.shared;
-        let how = How {
+    ) -> Result<Answer, Failure> {
+        let options = Options {
             fallback,
             shadow: self.shadow,
         };
-        match invoke::infer(
-            &e.upstreams,
-            &e.budget,
-            &self.entry,
+        let a = attempt::infer(
+            self.upstream,
+            self.entry,
             decision,
-            &self.message,
+            self.message,
             deadline,
-            self.total,
-            how,
+            options,
         )
-        .await
-        {
-            Ok(a) => Ok(Answer {
-                response: a.response,
-                label: self.entry.route.target(a.target).label.clone(),
-                cascade: None,
-            }),
-            Err(f) => Err(f.error),
-        }
+        .await?;
+        Ok(Answer {
+            response: a.response,
+            by: AnsweredBy::Target(a.target),
+            label: self.entry.route.target(a.target).label.clone(),
+            cascade: None,
+            degraded: decision.target != Some(a.target),
+        })
+    }
+
+    /// A nested plan's own target, without fallbacks.
+    async fn member(&self, decision: &Decision, until: Instant) -> Result<Answer, GatewayError> {
+        let deadline = Deadline {
+            at: until.min(self.deadline.at),
+            ..self.deadline
+        };
+        self.target(decision, deadline, false)
+            .await
+            .map_err(|f| f.error)
     }
 
     async fn plan(&self, plan: PlanId, deadline: Instant) -> Result<Answer, GatewayError> {
@@ -129,50 +133,46 @@ impl Executor {
                     reason: Reason::Default,
                     draw: None,
                 };
-                self.target(&decision, deadline, false).await
+                self.member(&decision, deadline).await
             }
             Plan::Split(_) => {
-                let entry = &self.entry;
-                let decision =
-                    route.resolve(plan, Reason::Default, &self.headers, self.random, &|t| {
-                        entry.available(t)
-                    });
+                let entry = self.entry;
+                // A split nested in a cascade, an ensemble or a shadow plan draws afresh:
+                // the request's own number already chose the outer plan.
+                let random = remix(self.random ^ u64::from(plan.0));
+                let decision = route.resolve(plan, Reason::Default, self.headers, random, &|t| {
+                    entry.available(t)
+                });
                 match decision.target {
-                    Some(_) => self.target(&decision, deadline, false).await,
+                    Some(_) => self.member(&decision, deadline).await,
                     None => self.run(decision.plan, deadline).await,
                 }
             }
             Plan::Cascade(stages) => {
                 let stats = self
                     .entry
-                    .cascades
-                    .get(&plan.0)
-                    .cloned()
+                    .cascade(plan)
                     .ok_or_else(|| self.internal("cascade without statistics"))?;
-                let c = strategy::cascade(stages, self, deadline, &stats)
+                let c = strategy::cascade(stages, self, deadline, stats)
                     .await
                     .map_err(|e| e.in_route(&route.name))?;
+                let degraded = matches!(c.verdict, Verdict::Deadline | Verdict::Fallback);
                 Ok(Answer {
                     cascade: Some((c.stage, c.verdict)),
+                    degraded: c.answer.degraded || degraded,
                     ..c.answer
                 })
             }
             Plan::Ensemble(ensemble) => {
-                let counters = self
+                let runtime = self
                     .entry
-                    .ensembles
-                    .get(&plan.0)
+                    .ensemble(plan)
                     .ok_or_else(|| self.internal("ensemble without counters"))?;
-                let names: Vec<Arc<str>> = ensemble
-                    .members
-                    .iter()
-                    .map(|(m, _)| route.plan_name(*m))
-                    .collect();
-                match strategy::ensemble(ensemble, self, deadline, &names).await {
+                match strategy::ensemble(ensemble, self, deadline, &runtime.member_names).await {
                     Ok(c) => {
-                        counters[0].inc();
+                        runtime.counters.ok.inc();
                         let label: Arc<str> =
-                            format!("{}({})", route.plan_name(plan), c.labels.join(",")).into();
+                            format!("{}({})", runtime.name, c.labels.join(",")).into();
                         Ok(Answer {
                             response: tensors::encode(
                                 &self.message.model_name,
@@ -180,27 +180,40 @@ impl Executor {
                                 &c.id,
                                 &c.tensors,
                             ),
+                            by: AnsweredBy::Plan(plan),
                             label,
                             cascade: None,
+                            degraded: c.degraded,
                         })
                     }
                     Err(e) => {
-                        counters[if matches!(e, GatewayError::NoTarget { .. }) {
-                            1
+                        if matches!(e, GatewayError::NoTarget { .. }) {
+                            runtime.counters.below_quorum.inc();
                         } else {
-                            2
-                        }]
-                        .inc();
+                            runtime.counters.error.inc();
+                        }
                         Err(e.in_route(&route.name))
                     }
                 }
             }
-            Plan::Route(name) => self.other_route(name, deadline).await,
+            Plan::Route(name) => {
+                let answer = self.other_route(name, plan, deadline).await?;
+                // The other route's targets are not this route's: the reference answered.
+                Ok(Answer {
+                    by: AnsweredBy::Plan(plan),
+                    ..answer
+                })
+            }
         }
     }
 
     /// Runs another route's decision for the same request.
-    async fn other_route(&self, name: &str, deadline: Instant) -> Result<Answer, GatewayError> {
+    async fn other_route(
+        &self,
+        name: &str,
+        plan: PlanId,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
         if self.depth >= MAX_ROUTE_DEPTH {
             return Err(self.internal(&format!(
                 "route references nest deeper than {MAX_ROUTE_DEPTH} at '{name}'"
@@ -210,18 +223,19 @@ impl Executor {
             .snapshot
             .routes
             .get(name)
-            .cloned()
             .ok_or_else(|| self.internal(&format!("route '{name}' is not loaded")))?;
+        let random = remix(self.random ^ u64::from(plan.0));
         let decision = entry
             .route
-            .decide(&self.headers, "", self.random, &|t| entry.available(t))?;
+            .decide(self.headers, "", random, &|t| entry.available(t))?;
         let inner = Self {
             entry,
+            random,
             depth: self.depth + 1,
-            ..self.clone()
+            ..*self
         };
         match decision.target {
-            Some(_) => inner.target(&decision, deadline, false).await,
+            Some(_) => inner.member(&decision, deadline).await,
             None => inner.run(decision.plan, deadline).await,
         }
     }
@@ -234,13 +248,43 @@ impl Executor {
     }
 }
 
-impl Invoker for Executor {
+impl Invoker for Executor<'_> {
     fn run(
         &self,
         plan: PlanId,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>> {
         Box::pin(self.plan(plan, deadline))
+    }
+}
+
+/// What a shadow copy owns to run after its request has been answered.
+pub(crate) struct ShadowCopy {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) entry: Arc<RouteEntry>,
+    pub(crate) message: InferMessage,
+    pub(crate) headers: HeaderMap,
+    pub(crate) random: u64,
+    pub(crate) deadline: Deadline,
+}
+
+impl ShadowCopy {
+    /// Runs `plan` as a shadow: marked for the backends, with its own draws.
+    pub(crate) async fn run(self, plan: PlanId) -> Result<Answer, GatewayError> {
+        let exec = Executor {
+            shadow: true,
+            ..Executor::new(
+                &self.shared,
+                &self.snapshot,
+                &self.entry,
+                (&self.message, &self.headers),
+                // The request's number decided that this copy runs; its splits draw anew.
+                remix(self.random),
+                self.deadline,
+            )
+        };
+        exec.plan(plan, self.deadline.at).await
     }
 }
 

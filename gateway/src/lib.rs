@@ -6,7 +6,7 @@
 //! * `routing`: policies compiled into routes, rules, plans and splits; the pure decision.
 //! * `snapshot`: a policy version with its runtime handles, swapped whole by `reload`.
 //! * `frontend`: pingora sessions to requests and back (`grpc`, `rest`, `admin`, `json`).
-//! * `invoke`: breaker admission, fallbacks, retries, deadline; `upstream`: pools, pooled
+//! * `upstream::attempt`: breaker admission, fallbacks, retries, deadline; `upstream`: pools, pooled
 //!   h2c connections (pingora's connector), health checks, breakers, retry budget.
 //! * `wire`: reads `model_name`/`model_version` from a `ModelInferRequest` without decoding
 //!   its tensors, and rewrites them for the chosen target.
@@ -25,7 +25,6 @@
 mod error;
 mod execute;
 mod frontend;
-mod invoke;
 mod metrics;
 mod proxy;
 mod reload;
@@ -77,8 +76,8 @@ impl Shared {
         self.ready.load(Ordering::Acquire) && self.snapshot.load().version > 0
     }
 
-    pub(crate) fn in_flight(&self, protocol: usize) -> InFlight {
-        let gauge = &self.metrics.in_flight[protocol];
+    pub(crate) fn in_flight(&self, protocol: metrics::Protocol) -> InFlight {
+        let gauge = &self.metrics.in_flight[protocol as usize];
         gauge.inc();
         InFlight(gauge.clone())
     }

@@ -9,8 +9,15 @@ use prometheus::{
 
 use crate::upstream::breaker::BreakerMetrics;
 
-/// Protocol label values.
+/// Protocol label values, indexed by [`Protocol`].
 pub(crate) const PROTOCOLS: [&str; 2] = ["grpc", "rest"];
+
+/// The downstream protocol a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Grpc = 0,
+    Rest = 1,
+}
 
 /// How a request ended, for `switchyard_requests_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,8 +376,13 @@ impl Metrics {
         })
     }
 
-    pub(crate) fn ensemble(&self, route: &str, plan: &str) -> [IntCounter; 3] {
-        ["ok", "below_quorum", "error"].map(|r| self.ensembles.with_label_values(&[route, plan, r]))
+    pub(crate) fn ensemble(&self, route: &str, plan: &str) -> EnsembleMetrics {
+        let c = |r: &str| self.ensembles.with_label_values(&[route, plan, r]);
+        EnsembleMetrics {
+            ok: c("ok"),
+            below_quorum: c("below_quorum"),
+            error: c("error"),
+        }
     }
 
     pub(crate) fn cache(&self, route: &str) -> crate::strategy::cache::CacheMetrics {
@@ -431,14 +443,22 @@ pub(crate) struct TargetMetrics {
 }
 
 impl TargetMetrics {
-    pub(crate) fn finish(&self, protocol: usize, outcome: Outcome, seconds: f64) {
-        self.requests[protocol][outcome as usize].inc();
-        self.duration[protocol][outcome as usize].observe(seconds);
+    pub(crate) fn finish(&self, protocol: Protocol, outcome: Outcome, seconds: f64) {
+        self.requests[protocol as usize][outcome as usize].inc();
+        self.duration[protocol as usize][outcome as usize].observe(seconds);
     }
 
     pub(crate) fn attempt(&self, a: Attempt) {
         self.attempts[a as usize].inc();
     }
+}
+
+/// Results of one ensemble plan.
+#[derive(Debug, Clone)]
+pub(crate) struct EnsembleMetrics {
+    pub(crate) ok: IntCounter,
+    pub(crate) below_quorum: IntCounter,
+    pub(crate) error: IntCounter,
 }
 
 /// Handles of one route.

@@ -11,10 +11,9 @@ use switchyard_config::{GatewayConfig, PolicySet};
 use std::sync::atomic::AtomicU32;
 
 use parking_lot::Mutex;
-use prometheus::IntCounter;
 
-use crate::metrics::{Metrics, RouteMetrics, TargetMetrics};
-use crate::routing::{self, Plan, Route, TargetId};
+use crate::metrics::{EnsembleMetrics, Metrics, RouteMetrics, TargetMetrics};
+use crate::routing::{self, CacheSpec, Plan, PlanId, Route, TargetId};
 use crate::strategy::CascadeStats;
 use crate::strategy::cache::RouteCache;
 use crate::strategy::shadow::ShadowStats;
@@ -41,27 +40,49 @@ pub(crate) struct RouteEntry {
     pub(crate) name_header: HeaderValue,
     pub(crate) targets: Box<[TargetEntry]>,
     pub(crate) metrics: RouteMetrics,
-    /// Stage statistics of each cascade plan, by plan id.
-    pub(crate) cascades: HashMap<u16, Arc<CascadeStats>>,
-    /// Ok, below-quorum and error counters of each ensemble plan, by plan id.
-    pub(crate) ensembles: HashMap<u16, [IntCounter; 3]>,
-    /// Request metrics of answers that plans other than a single target gave, by plan id
-    /// (labelled with the plan's name as the target).
-    pub(crate) plan_metrics: HashMap<u16, TargetMetrics>,
+    /// The runtime of each plan, indexed by `PlanId`.
+    pub(crate) plans: Box<[PlanEntry]>,
     pub(crate) shadow: Option<Arc<ShadowStats>>,
     pub(crate) cache: Option<RouteCache>,
 }
 
+/// The runtime pieces of one plan.
+#[derive(Debug, Default)]
+pub(crate) struct PlanEntry {
+    /// Request metrics of answers this plan gave when it is not a single target
+    /// (labelled with the plan's name as the target).
+    pub(crate) metrics: Option<TargetMetrics>,
+    /// Stage statistics, when the plan is a cascade.
+    pub(crate) cascade: Option<Arc<CascadeStats>>,
+    /// Counters and member names, when the plan is an ensemble.
+    pub(crate) ensemble: Option<EnsembleRuntime>,
+}
+
+/// What an ensemble plan needs at run time, built once per snapshot.
+#[derive(Debug)]
+pub(crate) struct EnsembleRuntime {
+    pub(crate) name: Arc<str>,
+    pub(crate) member_names: Box<[Arc<str>]>,
+    pub(crate) counters: EnsembleMetrics,
+}
+
 /// Strategy state that outlives snapshots: a route's cache survives a reload that keeps
-/// its settings (entries of a changed plan become unreachable through the key), and the
-/// shadow bound is shared by the old and new snapshot's copies in flight.
+/// its settings and what its plans mean, and the shadow bound is shared by the old and
+/// new snapshot's copies in flight. A cache no snapshot uses any more is let go (freed
+/// once the requests of the old snapshot finish).
 #[derive(Debug, Default)]
 pub(crate) struct Kept {
-    caches: Mutex<HashMap<(String, CacheSpecKey), RouteCache>>,
+    caches: Mutex<HashMap<CacheIdentity, RouteCache>>,
     shadow_in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
 }
 
-type CacheSpecKey = (u128, u64);
+/// What a cache is the cache of: the route, its settings, and what its plans mean.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheIdentity {
+    route: Arc<str>,
+    spec: CacheSpec,
+    fingerprint: u64,
+}
 
 /// A target with its breaker, pool, header value and metric handles.
 #[derive(Debug)]
@@ -76,6 +97,16 @@ pub(crate) struct TargetEntry {
 impl RouteEntry {
     pub(crate) fn target(&self, id: TargetId) -> &TargetEntry {
         &self.targets[id.0 as usize]
+    }
+
+    /// The stage statistics of a cascade plan.
+    pub(crate) fn cascade(&self, plan: PlanId) -> Option<&CascadeStats> {
+        self.plans.get(plan.0 as usize)?.cascade.as_deref()
+    }
+
+    /// The runtime of an ensemble plan.
+    pub(crate) fn ensemble(&self, plan: PlanId) -> Option<&EnsembleRuntime> {
+        self.plans.get(plan.0 as usize)?.ensemble.as_ref()
     }
 
     /// Whether a target can take traffic now (routing's health predicate).
@@ -103,6 +134,7 @@ impl Snapshot {
     ) -> Self {
         let table = routing::compile(policies, config);
         let mut routes = HashMap::new();
+        let mut used = Vec::new();
         for route in table.routes() {
             let targets = route
                 .targets
@@ -126,27 +158,37 @@ impl Snapshot {
             if targets.len() != route.targets.len() {
                 continue;
             }
-            let mut cascades = HashMap::new();
-            let mut ensembles = HashMap::new();
-            let mut plan_metrics = HashMap::new();
-            for (i, plan) in route.plans.iter().enumerate() {
-                let name = route.plan_name(routing::PlanId(i as u16));
-                if !matches!(plan, Plan::Target(_)) {
-                    plan_metrics.insert(i as u16, metrics.target(&route.name, &name));
-                }
-                match plan {
-                    Plan::Cascade(stages) => {
-                        cascades.insert(
-                            i as u16,
-                            Arc::new(metrics.cascade(&route.name, &name, stages.len())),
-                        );
+            let plans = route
+                .plans
+                .iter()
+                .enumerate()
+                .map(|(i, plan)| {
+                    let name = route.plan_name(PlanId(i as u16));
+                    let mut entry = PlanEntry::default();
+                    if !matches!(plan, Plan::Target(_)) {
+                        entry.metrics = Some(metrics.target(&route.name, &name));
                     }
-                    Plan::Ensemble(_) => {
-                        ensembles.insert(i as u16, metrics.ensemble(&route.name, &name));
+                    match plan {
+                        Plan::Cascade(stages) => {
+                            entry.cascade =
+                                Some(Arc::new(metrics.cascade(&route.name, &name, stages.len())));
+                        }
+                        Plan::Ensemble(e) => {
+                            entry.ensemble = Some(EnsembleRuntime {
+                                member_names: e
+                                    .members
+                                    .iter()
+                                    .map(|(m, _)| route.plan_name(*m))
+                                    .collect(),
+                                counters: metrics.ensemble(&route.name, &name),
+                                name,
+                            });
+                        }
+                        _ => {}
                     }
-                    _ => {}
-                }
-            }
+                    entry
+                })
+                .collect();
             let shadow = route.shadow.as_ref().map(|sh| {
                 let in_flight = kept
                     .shadow_in_flight
@@ -157,31 +199,37 @@ impl Snapshot {
                 Arc::new(metrics.shadow(&route.name, &sh.name, in_flight, sh.max_in_flight))
             });
             let cache = route.cache.map(|spec| {
-                let key = (
-                    route.name.to_string(),
-                    (spec.ttl.as_nanos(), spec.max_bytes),
-                );
-                kept.caches
+                let identity = CacheIdentity {
+                    route: route.name.clone(),
+                    spec,
+                    fingerprint: route.fingerprint,
+                };
+                let cache = kept
+                    .caches
                     .lock()
-                    .entry(key)
+                    .entry(identity.clone())
                     .or_insert_with(|| {
                         RouteCache::new(spec.ttl, spec.max_bytes, metrics.cache(&route.name))
                     })
-                    .clone()
+                    .clone();
+                used.push(identity);
+                cache
             });
             let entry = RouteEntry {
                 name_header: header(&route.name),
                 metrics: metrics.route(&route.name),
                 route: route.clone(),
                 targets,
-                cascades,
-                ensembles,
-                plan_metrics,
+                plans,
                 shadow,
                 cache,
             };
             routes.insert(route.name.to_string().into_boxed_str(), Arc::new(entry));
         }
+        // A cache whose route is gone or now means something else is let go.
+        kept.caches
+            .lock()
+            .retain(|identity, _| used.contains(identity));
         let route_list = table.names().join(", ");
         Self {
             version,

@@ -19,12 +19,13 @@ use tokio::time::Instant;
 use super::{Said, models, read_body};
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::metrics::Protocol;
 use crate::snapshot::Snapshot;
 use crate::upstream::client::{frame, parse_grpc_timeout, percent_encode, unframe};
 use crate::wire::split_infer_request;
 
 const SERVICE: &str = "/inference.GRPCInferenceService/";
-const PROTOCOL: usize = 0;
+const PROTOCOL: Protocol = Protocol::Grpc;
 
 /// Serves one gRPC request to completion.
 pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
@@ -74,10 +75,14 @@ async fn handle(
             let deadline = headers
                 .get("grpc-timeout")
                 .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
-            models::infer(
-                shared, snapshot, headers, msg, deadline, PROTOCOL, start, said,
-            )
-            .await
+            let request = models::Inference {
+                headers,
+                message: msg,
+                client_deadline: deadline,
+                protocol: PROTOCOL,
+                start,
+            };
+            models::infer(shared, snapshot, request, said).await
         }
         "ServerLive" => Ok(encode(&ServerLiveResponse { live: true })),
         "ServerReady" => Ok(encode(&ServerReadyResponse {

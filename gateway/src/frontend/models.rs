@@ -3,6 +3,7 @@
 //! route's name).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,12 +18,12 @@ use tokio::time::Instant;
 use super::Said;
 use crate::Shared;
 use crate::error::GatewayError;
-use crate::execute::{self, Executor};
-use crate::invoke;
-use crate::metrics::Outcome;
-use crate::routing::{Decision, TargetId};
+use crate::execute::{self, Executor, ShadowCopy};
+use crate::metrics::{Outcome, Protocol};
+use crate::routing::{Decision, PlanId, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
-use crate::strategy::{Invoker, cache, shadow};
+use crate::strategy::{Answer, AnsweredBy, cache, shadow};
+use crate::upstream::attempt::{Deadline, Failure};
 use crate::upstream::{ControlError, MODEL_METADATA, MODEL_READY};
 use crate::wire::InferMessage;
 
@@ -45,20 +46,33 @@ pub(crate) fn route<'a>(
         })
 }
 
-/// Routes and runs one inference; returns the `ModelInferResponse` bytes. A decision for
-/// one target on a route without shadow or cache takes the direct path; everything else
-/// runs through the [`Executor`] and the strategies.
-#[allow(clippy::too_many_arguments)]
+/// One inference as a frontend hands it over.
+pub(crate) struct Inference<'a> {
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) message: InferMessage,
+    /// The client's `grpc-timeout`, if it sent one.
+    pub(crate) client_deadline: Option<Duration>,
+    pub(crate) protocol: Protocol,
+    pub(crate) start: Instant,
+}
+
+/// Routes and runs one inference; returns the `ModelInferResponse` bytes. Every request
+/// takes the same path: decide, start the shadow if one is sampled, run the decision
+/// through the [`Executor`] (a single target is its cheapest case), through the cache
+/// where the route has one, then [`finish`] writes the metrics, headers and trace line.
 pub(crate) async fn infer(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
-    headers: &HeaderMap,
-    message: InferMessage,
-    client_deadline: Option<Duration>,
-    protocol: usize,
-    start: Instant,
+    request: Inference<'_>,
     said: &mut Said,
 ) -> Result<Bytes, GatewayError> {
+    let Inference {
+        headers,
+        message,
+        client_deadline,
+        protocol,
+        start,
+    } = request;
     let entry = route(snapshot, &message.model_name)?;
     said.route = Some(entry.name_header.clone());
     let random: u64 = rand::random();
@@ -77,179 +91,171 @@ pub(crate) async fn infer(
             return Err(e);
         }
     };
-    let budget = client_deadline.map_or(entry.route.deadline, |d| d.min(entry.route.deadline));
-    if decision.target.is_none() || entry.shadow.is_some() || entry.cache.is_some() {
-        let run = Run {
-            entry,
-            decision,
-            random,
-            budget,
-            protocol,
-            start,
-        };
-        return strategic(shared, snapshot, headers, message, run, said).await;
-    }
-    let result = invoke::infer(
-        &shared.upstreams,
-        &shared.budget,
+    // The client's own deadline: its grpc-timeout or its Triton `timeout` parameter.
+    let clients = message.timeout_us.map(Duration::from_micros);
+    let client = match (client_deadline, clients) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let deadline = Deadline::new(start, entry.route.deadline, client);
+    let exec = Executor::new(
+        shared,
+        snapshot,
         entry,
-        &decision,
-        &message,
-        start + budget,
-        budget,
-        invoke::How {
-            fallback: true,
-            shadow: false,
-        },
-    )
-    .await;
-    let seconds = start.elapsed().as_secs_f64();
+        (&message, headers),
+        random,
+        deadline,
+    );
+    let report = start_shadow(&exec, (shared, snapshot, entry), &decision, said);
+    let result = match &entry.cache {
+        None => exec.decided(&decision).await,
+        Some(cache) => cached(&exec, cache, &decision, said).await,
+    };
+    finish(entry, &decision, protocol, start, &result, said);
     match result {
         Ok(answer) => {
-            let target = entry.target(answer.target);
-            said.target = Some(target.label_header.clone());
-            target.metrics.finish(protocol, Outcome::Ok, seconds);
-            tracing::debug!(route = %entry.route.name, target = %entry.route.target(answer.target).label, ?decision, "inference");
+            if let Some(report) = report {
+                let _ = report.send((answer.response.clone(), start.elapsed()));
+            }
             Ok(answer.response)
         }
-        Err(failure) => {
-            let metrics = match failure.target {
-                Some(t) => {
-                    said.target = Some(entry.target(t).label_header.clone());
-                    &entry.target(t).metrics
-                }
-                None => &entry.metrics.unrouted,
-            };
-            metrics.finish(protocol, failure.error.outcome(), seconds);
-            tracing::debug!(route = %entry.route.name, error = %failure.error, "inference failed");
-            Err(failure.error)
-        }
+        Err(failure) => Err(failure.error),
     }
 }
 
-/// A routed request on its way through the strategies.
-struct Run<'a> {
-    entry: &'a Arc<RouteEntry>,
-    decision: Decision,
-    random: u64,
-    budget: Duration,
-    protocol: usize,
-    start: Instant,
-}
-
-/// Runs a decision through the executor, with the route's shadow and cache.
-async fn strategic(
-    shared: &Arc<Shared>,
-    snapshot: &Arc<Snapshot>,
-    headers: &HeaderMap,
-    message: InferMessage,
-    run: Run<'_>,
+/// Starts the route's shadow copy when this request is sampled. The copy is spawned before
+/// the primary runs; on this thread's event loop it starts once the primary's request is
+/// out (and never holds the primary up). A request whose primary already is the shadow
+/// plan is not copied: the pair would agree with itself and inflate the agreement rate.
+fn start_shadow(
+    exec: &Executor<'_>,
+    owners: (&Arc<Shared>, &Arc<Snapshot>, &Arc<RouteEntry>),
+    decision: &Decision,
     said: &mut Said,
-) -> Result<Bytes, GatewayError> {
-    let Run {
-        entry,
-        decision,
-        random,
-        budget,
-        protocol,
-        start,
-    } = run;
-    let deadline = start + budget;
-    let exec = Executor::new(
-        shared.clone(),
-        snapshot.clone(),
-        entry.clone(),
-        Arc::new(message),
-        Arc::new(headers.clone()),
-        random,
-        budget,
-    );
-    // The shadow copy is spawned before the primary runs; on this thread's event loop it
-    // starts once the primary's request is out (and never holds the primary up).
-    // A request whose primary already is the shadow plan is not copied: the pair would
-    // agree with itself and inflate the agreement rate.
-    let report = match (&entry.route.shadow, &entry.shadow) {
+) -> Option<shadow::PrimaryReport> {
+    let entry = exec.entry;
+    match (&entry.route.shadow, &entry.shadow) {
         (Some(spec), _) if spec.plan == decision.plan => {
             said.shadow = Some("same");
             None
         }
-        (Some(spec), Some(stats)) if shadow::sampled(spec.threshold, random) => {
-            let copy = exec.as_shadow();
-            let plan = spec.plan;
-            let report =
-                shadow::start(stats.clone(), async move { copy.run(plan, deadline).await });
+        (Some(spec), Some(stats)) if shadow::sampled(spec.threshold, exec.random) => {
+            let copy = ShadowCopy {
+                shared: owners.0.clone(),
+                snapshot: owners.1.clone(),
+                entry: owners.2.clone(),
+                message: exec.message.clone(),
+                headers: exec.headers.clone(),
+                random: exec.random,
+                deadline: exec.deadline,
+            };
+            let report = shadow::start(stats.clone(), copy.run(spec.plan));
             said.shadow = Some(if report.is_some() { "sent" } else { "dropped" });
             report
         }
         _ => None,
-    };
-    let primary = exec.decided(&decision, deadline);
-    let result = match &entry.cache {
-        Some(cache) => {
-            let control = cache::Control::from_header(
-                headers
-                    .get(http::header::CACHE_CONTROL)
-                    .map(|v| v.as_bytes()),
-            );
-            let plan = match decision.target {
-                Some(t) => entry.route.target(t).label.clone(),
-                None => entry.route.plan_name(decision.plan),
-            };
-            match cache::key(
-                &entry.route.name,
-                entry.route.fingerprint,
-                &plan,
-                &exec.message,
-            ) {
-                Ok(key) => cache
-                    .serve(key, control, primary)
-                    .await
-                    .map(|(answer, outcome)| {
-                        said.cache = Some(outcome.header());
-                        answer
-                    }),
-                Err(e) => Err(e),
+    }
+}
+
+/// Runs a decision through the route's cache: a stored answer answers with the caller's
+/// own request id; a miss runs the decision (once for concurrent identical misses).
+async fn cached(
+    exec: &Executor<'_>,
+    cache: &cache::RouteCache,
+    decision: &Decision,
+    said: &mut Said,
+) -> Result<Answer, Failure> {
+    let control = cache::Control::from_header(
+        exec.headers
+            .get(http::header::CACHE_CONTROL)
+            .map(|v| v.as_bytes()),
+    );
+    let route = &exec.entry.route;
+    let plan_key = route.plan_keys[decision.plan.0 as usize];
+    let (key, id) = cache::key(&route.name, plan_key, exec.message).map_err(|error| Failure {
+        error,
+        target: None,
+    })?;
+    // The target a failed call last tried, for this caller's metrics (waiters on the same
+    // call share its error, not its target).
+    let failed = AtomicU32::new(u32::MAX);
+    let primary = async {
+        exec.decided(decision).await.map_err(|f| {
+            if let Some(t) = f.target {
+                failed.store(u32::from(t.0), Ordering::Relaxed);
             }
-        }
-        None => primary.await,
+            f.error
+        })
     };
-    let took = start.elapsed();
-    let answered = result.as_ref().ok().and_then(|a| {
+    match cache.serve(key, control, primary).await {
+        Ok((answer, outcome)) => {
+            said.cache = Some(outcome.header());
+            Ok(match outcome {
+                cache::Outcome::Hit | cache::Outcome::Coalesced => Answer {
+                    response: cache::with_id(&answer.response, &id),
+                    ..answer
+                },
+                cache::Outcome::Miss | cache::Outcome::Bypass => answer,
+            })
+        }
+        Err(error) => Err(Failure {
+            error,
+            target: u16::try_from(failed.load(Ordering::Relaxed))
+                .ok()
+                .map(TargetId),
+        }),
+    }
+}
+
+/// Writes what a request came to, once for every outcome: the request metrics of the
+/// target or plan that answered (or was last tried), the response headers, the trace line.
+fn finish(
+    entry: &RouteEntry,
+    decision: &Decision,
+    protocol: Protocol,
+    start: Instant,
+    result: &Result<Answer, Failure>,
+    said: &mut Said,
+) {
+    let seconds = start.elapsed().as_secs_f64();
+    let plan_metrics = |p: PlanId| {
         entry
-            .route
-            .targets
-            .iter()
-            .position(|t| t.label == a.label)
-            .map(|i| TargetId(i as u16))
-    });
-    let metrics = match (answered, decision.target) {
-        (Some(t), _) | (None, Some(t)) => &entry.target(t).metrics,
-        (None, None) => entry
-            .plan_metrics
-            .get(&decision.plan.0)
-            .unwrap_or(&entry.metrics.unrouted),
+            .plans
+            .get(p.0 as usize)
+            .and_then(|p| p.metrics.as_ref())
+            .unwrap_or(&entry.metrics.unrouted)
     };
     match result {
         Ok(answer) => {
-            metrics.finish(protocol, Outcome::Ok, took.as_secs_f64());
-            said.target = HeaderValue::from_str(&answer.label).ok();
+            let metrics = match answer.by {
+                AnsweredBy::Target(t) => {
+                    said.target = Some(entry.target(t).label_header.clone());
+                    &entry.target(t).metrics
+                }
+                AnsweredBy::Plan(p) => {
+                    // A combination's label names the members that answered: it is made
+                    // per request.
+                    said.target = HeaderValue::from_str(&answer.label).ok();
+                    plan_metrics(p)
+                }
+            };
+            metrics.finish(protocol, Outcome::Ok, seconds);
             if let Some((stage, verdict)) = answer.cascade {
                 said.cascade_stage = Some(HeaderValue::from(stage + 1));
                 said.cascade = Some(execute::verdict_label(verdict));
             }
-            if let Some(report) = report {
-                let _ = report.send((answer.response.clone(), took));
-            }
             tracing::debug!(route = %entry.route.name, target = %answer.label, ?decision, "inference");
-            Ok(answer.response)
         }
-        Err(error) => {
-            if let Some(t) = decision.target {
-                said.target = Some(entry.target(t).label_header.clone());
-            }
-            metrics.finish(protocol, error.outcome(), took.as_secs_f64());
-            tracing::debug!(route = %entry.route.name, %error, "inference failed");
-            Err(error)
+        Err(failure) => {
+            let metrics = match failure.target.or(decision.target) {
+                Some(t) => {
+                    said.target = Some(entry.target(t).label_header.clone());
+                    &entry.target(t).metrics
+                }
+                None => plan_metrics(decision.plan),
+            };
+            metrics.finish(protocol, failure.error.outcome(), seconds);
+            tracing::debug!(route = %entry.route.name, error = %failure.error, "inference failed");
         }
     }
 }

@@ -14,10 +14,11 @@ use tokio::time::Instant;
 use super::{Said, json::parse_request, json::render_response, models, read_body, respond};
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::metrics::Protocol;
 use crate::snapshot::Snapshot;
 use crate::wire::split_infer_request;
 
-const PROTOCOL: usize = 1;
+const PROTOCOL: Protocol = Protocol::Rest;
 const JSON: &str = "application/json";
 
 /// What a REST path asks for.
@@ -267,10 +268,14 @@ async fn infer(
     let message =
         split_infer_request(&Bytes::from(req.encode_to_vec())).map_err(GatewayError::BadRequest)?;
     let headers = session.req_header().headers.clone();
-    let response = models::infer(
-        shared, snapshot, &headers, message, None, PROTOCOL, start, said,
-    )
-    .await?;
+    let request = models::Inference {
+        headers: &headers,
+        message,
+        client_deadline: None,
+        protocol: PROTOCOL,
+        start,
+    };
+    let response = models::infer(shared, snapshot, request, said).await?;
     let resp = ModelInferResponse::decode(response).map_err(|e| GatewayError::UpstreamFailed {
         route: route.to_owned(),
         reason: format!("undecodable ModelInferResponse: {e}"),

@@ -18,6 +18,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName};
 use switchyard_config::policy::{HeaderMatchConfig, PlanConfig};
 use switchyard_config::{GatewayConfig, PolicySet};
+use xxhash_rust::xxh3::Xxh3;
 
 pub use explain::explain;
 pub use matcher::HeaderMatcher;
@@ -132,7 +133,7 @@ pub struct Shadow {
 }
 
 /// The response cache settings of a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheSpec {
     /// How long an entry serves.
     pub ttl: Duration,
@@ -151,8 +152,13 @@ pub struct Route {
     pub targets: Box<[Target]>,
     /// All plans; the first `targets.len()` are the targets.
     pub plans: Box<[Plan]>,
-    /// Names of named plans (for explain), by plan id.
-    pub plan_names: HashMap<u16, Arc<str>>,
+    /// Every plan's name, by plan id: its target's or named plan's, else its kind (with
+    /// a number when the route has several unnamed plans of that kind).
+    pub plan_names: Box<[Arc<str>]>,
+    /// What each plan means, by plan id, as a hash of its compiled content (targets by
+    /// backend, model and version; thresholds, weights, salts), so that comments, key
+    /// order and names change nothing: the cache keys answers by it.
+    pub plan_keys: Box<[u64]>,
     /// Rules in order.
     pub rules: Box<[Rule]>,
     /// The plan when no rule matches.
@@ -169,8 +175,8 @@ pub struct Route {
     pub shadow: Option<Shadow>,
     /// The response cache, if any.
     pub cache: Option<CacheSpec>,
-    /// A hash of everything that decides answers (targets and plans): cache entries of a
-    /// route whose plan changed are not served after a reload.
+    /// A hash of what every plan of the route means (its `plan_keys`): a reload that
+    /// changes it starts the route's cache afresh and frees the old one.
     pub fingerprint: u64,
 }
 
@@ -389,21 +395,12 @@ impl Route {
 
     /// A plan's name: its target's or named plan's, else its kind.
     pub fn plan_name(&self, id: PlanId) -> Arc<str> {
-        if let Some(n) = self.plan_names.get(&id.0) {
-            return n.clone();
-        }
-        match self.plan(id) {
-            Plan::Target(t) => self.target(*t).name.clone(),
-            Plan::Split(_) => "split".into(),
-            Plan::Cascade(_) => "cascade".into(),
-            Plan::Ensemble(_) => "ensemble".into(),
-            Plan::Route(r) => format!("route:{r}").into(),
-        }
+        self.plan_names[id.0 as usize].clone()
     }
 }
 
 /// SplitMix64's finaliser: a fresh, well-spread number from a used one.
-fn remix(x: u64) -> u64 {
+pub fn remix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -527,7 +524,7 @@ impl<'a> Arena<'a> {
 /// Compiles a validated policy set. Validation has already rejected everything that could
 /// fail here, so unknown references cannot occur; they would be mapped, not panic.
 pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
-    let mut routes = HashMap::new();
+    let mut routes: HashMap<Box<str>, Route> = HashMap::new();
     for loaded in &policies.files {
         let p = &loaded.policy;
         let targets: Box<[Target]> = p
@@ -560,14 +557,14 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
             arena.names.insert(name.as_str(), PlanId(i as u16));
         }
         // Named plans get their ids first (they may refer to each other), then bodies.
-        let mut plan_names = HashMap::new();
+        let mut named_plans: HashMap<u16, Arc<str>> = HashMap::new();
         let reserved: Vec<(PlanId, &PlanConfig)> = p
             .plans
             .iter()
             .map(|(name, plan)| {
                 let id = arena.push(Plan::Route("".into()));
                 arena.names.insert(name.as_str(), id);
-                plan_names.insert(id.0, Arc::<str>::from(name.as_str()));
+                named_plans.insert(id.0, Arc::<str>::from(name.as_str()));
                 (id, &plan.value)
             })
             .collect();
@@ -605,19 +602,7 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
                 max_in_flight: sh.max_in_flight,
             }
         });
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            format!(
-                "{:?}|{:?}|{:?}|{:?}",
-                p.targets,
-                p.plans,
-                p.rules.iter().map(|r| &r.plan).collect::<Vec<_>>(),
-                p.default
-            )
-            .hash(&mut h);
-            h.finish()
-        };
+        let plan_names = plan_names(&targets, &arena.plans, &named_plans);
         let route = Route {
             name: p.route.value.as_str().into(),
             file: loaded.file.display().to_string().into(),
@@ -630,6 +615,7 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
             targets,
             plans: arena.plans.into(),
             plan_names,
+            plan_keys: Box::new([]),
             rules,
             default,
             deadline: p
@@ -652,11 +638,166 @@ pub fn compile(policies: &PolicySet, gateway: &GatewayConfig) -> RoutingTable {
                 ttl: c.value.ttl.0,
                 max_bytes: c.value.max_bytes.0,
             }),
-            fingerprint,
+            fingerprint: 0,
         };
-        routes.insert(p.route.value.as_str().into(), Arc::new(route));
+        routes.insert(p.route.value.as_str().into(), route);
     }
+    // What a plan means can depend on another route (a `{ route: }` reference): key the
+    // plans once every route is compiled.
+    let keys: HashMap<Box<str>, Box<[u64]>> = routes
+        .iter()
+        .map(|(name, route)| (name.clone(), plan_keys(route, &routes)))
+        .collect();
+    let routes = routes
+        .into_iter()
+        .map(|(name, mut route)| {
+            route.plan_keys = keys[&name].clone();
+            route.fingerprint = {
+                let mut h = Xxh3::new();
+                route
+                    .plan_keys
+                    .iter()
+                    .for_each(|k| h.update(&k.to_le_bytes()));
+                h.digest()
+            };
+            (name, Arc::new(route))
+        })
+        .collect();
     RoutingTable { routes }
+}
+
+/// Names every plan: targets and named plans by their names, unnamed plans by their kind,
+/// numbered in plan order when a route has more than one of that kind (so that two inline
+/// cascades never share metrics).
+fn plan_names(
+    targets: &[Target],
+    plans: &[Plan],
+    named: &HashMap<u16, Arc<str>>,
+) -> Box<[Arc<str>]> {
+    let kind = |plan: &Plan| match plan {
+        Plan::Target(_) => "target",
+        Plan::Split(_) => "split",
+        Plan::Cascade(_) => "cascade",
+        Plan::Ensemble(_) => "ensemble",
+        Plan::Route(_) => "route",
+    };
+    let unnamed =
+        |i: usize| !named.contains_key(&(i as u16)) && !matches!(plans[i], Plan::Target(_));
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    (0..plans.len())
+        .map(|i| {
+            if let Some(n) = named.get(&(i as u16)) {
+                return n.clone();
+            }
+            match &plans[i] {
+                Plan::Target(t) => targets[t.0 as usize].name.clone(),
+                Plan::Route(r) => format!("route:{r}").into(),
+                plan => {
+                    let k = kind(plan);
+                    let of_kind = (0..plans.len())
+                        .filter(|&j| unnamed(j) && kind(&plans[j]) == k)
+                        .count();
+                    let n = seen.entry(k).or_insert(0);
+                    *n += 1;
+                    if of_kind > 1 {
+                        format!("{k}-{n}").into()
+                    } else {
+                        k.into()
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// The key of every plan of `route`: a hash of what it runs, recursively, with route
+/// references resolved through `routes` (validation rejects cycles; depth is bounded).
+fn plan_keys(route: &Route, routes: &HashMap<Box<str>, Route>) -> Box<[u64]> {
+    (0..route.plans.len())
+        .map(|i| {
+            let mut h = Xxh3::new();
+            hash_plan(route, PlanId(i as u16), routes, &mut h, 0);
+            h.digest()
+        })
+        .collect()
+}
+
+fn hash_plan(
+    route: &Route,
+    plan: PlanId,
+    routes: &HashMap<Box<str>, Route>,
+    h: &mut Xxh3,
+    depth: usize,
+) {
+    let put = |h: &mut Xxh3, bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    if depth > 64 {
+        put(h, b"too deep");
+        return;
+    }
+    match route.plan(plan) {
+        Plan::Target(t) => {
+            let t = route.target(*t);
+            put(h, b"target");
+            put(h, t.backend.as_bytes());
+            put(h, t.model.as_bytes());
+            put(h, t.version.as_bytes());
+        }
+        Plan::Split(s) => {
+            put(h, b"split");
+            put(
+                h,
+                s.sticky
+                    .as_ref()
+                    .map_or(&b""[..], |n| n.as_str().as_bytes()),
+            );
+            put(h, s.salt());
+            for (m, w) in s.members() {
+                hash_plan(route, *m, routes, h, depth + 1);
+                put(h, &w.to_le_bytes());
+            }
+        }
+        Plan::Cascade(stages) => {
+            put(h, b"cascade");
+            for st in stages {
+                hash_plan(route, st.plan, routes, h, depth + 1);
+                match st.accept {
+                    Some(Accept::MaxProbability(x)) => {
+                        put(h, &[&b"p"[..], &x.to_le_bytes()].concat())
+                    }
+                    Some(Accept::Margin(x)) => put(h, &[&b"m"[..], &x.to_le_bytes()].concat()),
+                    None => put(h, b"-"),
+                }
+                put(h, st.output.as_deref().unwrap_or("").as_bytes());
+            }
+        }
+        Plan::Ensemble(e) => {
+            put(h, b"ensemble");
+            put(h, format!("{:?}", e.combine).as_bytes());
+            put(h, &(e.quorum as u64).to_le_bytes());
+            put(
+                h,
+                &e.member_timeout.map_or(0, |t| t.as_nanos()).to_le_bytes(),
+            );
+            for (m, w) in e.members.iter() {
+                hash_plan(route, *m, routes, h, depth + 1);
+                put(h, &w.to_le_bytes());
+            }
+        }
+        Plan::Route(name) => {
+            put(h, b"route");
+            put(h, name.as_bytes());
+            if let Some(other) = routes.get(&**name) {
+                for rule in other.rules.iter() {
+                    put(h, format!("{:?}", rule.matchers).as_bytes());
+                    hash_plan(other, rule.plan, routes, h, depth + 1);
+                }
+                hash_plan(other, other.default, routes, h, depth + 1);
+            }
+        }
+    }
 }
 
 fn matcher(name: &str, cond: &HeaderMatchConfig) -> Option<HeaderMatcher> {

@@ -48,6 +48,11 @@ impl Split {
         &self.members
     }
 
+    /// The sticky hash's salt.
+    pub(crate) fn salt(&self) -> &[u8] {
+        &self.salt
+    }
+
     /// Picks a member. `key`: the sticky header's value if present; `random`: a uniformly
     /// random number used when there is no key; `healthy`: members for which this is false
     /// are skipped and the rest renormalised, unless none is healthy (the last healthy

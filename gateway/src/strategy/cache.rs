@@ -8,8 +8,6 @@
 //! raw or typed gRPC tensors of the same values hash alike... as long as they encode the
 //! same bytes: raw and typed contents of one tensor are different keys.
 
-use std::sync::Arc;
-
 use bytes::{Bytes, BytesMut};
 use moka::future::Cache;
 use prometheus::{IntCounter, IntGauge};
@@ -110,6 +108,8 @@ impl std::fmt::Debug for RouteCache {
 
 impl RouteCache {
     pub(crate) fn new(ttl: std::time::Duration, max_bytes: u64, metrics: CacheMetrics) -> Self {
+        // A route's new cache (its plans changed) replaces the old one in the gauge too.
+        metrics.bytes.set(0);
         let evictions = metrics.evictions.clone();
         let entries = Cache::builder()
             .max_capacity(max_bytes)
@@ -127,6 +127,9 @@ impl RouteCache {
     }
 
     /// Serves from the cache or runs `upstream` (once for concurrent identical misses).
+    /// Only full answers are stored: a failure or a degraded answer (a fallback target, a
+    /// cascade's best so far, an ensemble short of a member) goes to this caller and to
+    /// the callers waiting on the same call, and the next request runs afresh.
     pub(crate) async fn serve<F>(
         &self,
         key: u128,
@@ -145,6 +148,9 @@ impl RouteCache {
             Control::NoCache => {
                 m.bypass.inc();
                 let answer = upstream.await?;
+                if answer.degraded {
+                    return Ok((answer, Outcome::Miss));
+                }
                 self.entries.insert(key, answer.clone()).await;
                 (answer, Outcome::Miss)
             }
@@ -153,18 +159,32 @@ impl RouteCache {
                     m.hits.inc();
                     return Ok((hit, Outcome::Hit));
                 }
-                let entry = self
-                    .entries
-                    .entry(key)
-                    .or_try_insert_with(upstream)
-                    .await
-                    .map_err(|e: Arc<GatewayError>| (*e).clone())?;
-                if entry.is_fresh() {
+                // Whether this caller's own call ran (a miss), or it waited on another's.
+                let ran = std::sync::atomic::AtomicBool::new(false);
+                let call = async {
+                    ran.store(true, std::sync::atomic::Ordering::Relaxed);
+                    match upstream.await {
+                        Ok(answer) if !answer.degraded => Ok(answer),
+                        Ok(answer) => Err(NotStored::Degraded(answer)),
+                        Err(e) => Err(NotStored::Failed(e)),
+                    }
+                };
+                let got = self.entries.entry(key).or_try_insert_with(call).await;
+                let outcome = if ran.load(std::sync::atomic::Ordering::Relaxed) {
                     m.misses.inc();
-                    (entry.into_value(), Outcome::Miss)
+                    Outcome::Miss
                 } else {
                     m.coalesced.inc();
-                    (entry.into_value(), Outcome::Coalesced)
+                    Outcome::Coalesced
+                };
+                match got {
+                    Ok(entry) => (entry.into_value(), outcome),
+                    Err(not_stored) => {
+                        return match &*not_stored {
+                            NotStored::Degraded(answer) => Ok((answer.clone(), outcome)),
+                            NotStored::Failed(e) => Err(e.clone()),
+                        };
+                    }
                 }
             }
         };
@@ -179,13 +199,32 @@ impl RouteCache {
     }
 }
 
-/// The cache key of a request to `route` (its plan fingerprint) that will run `plan`.
+/// Why an upstream call's result was not stored.
+#[derive(Debug)]
+enum NotStored {
+    Degraded(Answer),
+    Failed(GatewayError),
+}
+
+/// A stored `ModelInferResponse` answering another caller: its `id` (field 3) becomes
+/// this caller's. Protobuf lets the last occurrence of a scalar field win, so appending
+/// the field replaces the first caller's id without touching the tensors.
+pub(crate) fn with_id(response: &Bytes, id: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(response.len() + id.len() + 11);
+    out.extend_from_slice(response);
+    out.extend_from_slice(&[0x1a]);
+    prost::encoding::encode_varint(id.len() as u64, &mut out);
+    out.extend_from_slice(id.as_bytes());
+    out.freeze()
+}
+
+/// The cache key of a request to `route` that will run the plan whose meaning `plan_key`
+/// hashes, and the request's `id` (which a stored answer takes on for this caller).
 pub(crate) fn key(
     route: &str,
-    fingerprint: u64,
-    plan: &str,
+    plan_key: u64,
     message: &InferMessage,
-) -> Result<u128, GatewayError> {
+) -> Result<(u128, String), GatewayError> {
     let body: Bytes = if message.rest.len() == 1 {
         message.rest[0].clone()
     } else {
@@ -201,8 +240,7 @@ pub(crate) fn key(
         h.update(bytes);
     };
     put(route.as_bytes());
-    put(&fingerprint.to_le_bytes());
-    put(plan.as_bytes());
+    put(&plan_key.to_le_bytes());
     let mut inputs: Vec<usize> = (0..req.inputs.len()).collect();
     inputs.sort_by(|&a, &b| req.inputs[a].name.cmp(&req.inputs[b].name));
     for i in inputs {
@@ -234,16 +272,18 @@ pub(crate) fn key(
         put(k.as_bytes());
         put(&v);
     }
-    Ok(h.digest128())
+    Ok((h.digest128(), req.id))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use super::*;
     use crate::wire::split_infer_request;
+    use switchyard_proto::inference::ModelInferResponse;
     use switchyard_proto::inference::model_infer_request::InferInputTensor;
 
     fn metrics() -> CacheMetrics {
@@ -289,34 +329,27 @@ mod tests {
     fn answer(n: usize) -> Answer {
         Answer {
             response: Bytes::from(vec![n as u8; 8]),
+            by: super::super::AnsweredBy::Target(crate::routing::TargetId(0)),
             label: "m/1".into(),
             cascade: None,
+            degraded: false,
         }
     }
 
     #[test]
     fn keys_depend_on_what_decides_the_answer_only() {
-        let k = |m: &InferMessage, plan: &str, fp: u64| key("r", fp, plan, m).unwrap();
-        let base = k(&message([1, 2, 3, 4], None), "m/1", 7);
+        let k = |m: &InferMessage, plan: u64| key("r", plan, m).unwrap().0;
+        let base = k(&message([1, 2, 3, 4], None), 7);
         assert_eq!(
             base,
-            k(&message([1, 2, 3, 4], Some(5000)), "m/1", 7),
+            k(&message([1, 2, 3, 4], Some(5000)), 7),
             "timeouts and ids do not matter"
         );
+        assert_ne!(base, k(&message([1, 2, 3, 5], None), 7), "tensor bytes do");
         assert_ne!(
             base,
-            k(&message([1, 2, 3, 5], None), "m/1", 7),
-            "tensor bytes do"
-        );
-        assert_ne!(
-            base,
-            k(&message([1, 2, 3, 4], None), "m/2", 7),
-            "the chosen target does"
-        );
-        assert_ne!(
-            base,
-            k(&message([1, 2, 3, 4], None), "m/1", 8),
-            "a changed plan does"
+            k(&message([1, 2, 3, 4], None), 8),
+            "the plan that runs does"
         );
     }
 
@@ -419,5 +452,84 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((o, a.response[0]), (Outcome::Miss, 3));
+    }
+
+    fn degraded(n: usize) -> Answer {
+        Answer {
+            degraded: true,
+            ..answer(n)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_degraded_answer_is_returned_but_never_stored() {
+        let cache = RouteCache::new(Duration::from_secs(60), 1 << 20, metrics());
+        let (a, o) = cache
+            .serve(1, Control::Normal, async { Ok(degraded(1)) })
+            .await
+            .unwrap();
+        assert_eq!((o, a.response[0]), (Outcome::Miss, 1));
+        let (a, o) = cache
+            .serve(1, Control::NoCache, async { Ok(degraded(2)) })
+            .await
+            .unwrap();
+        assert_eq!((o, a.response[0]), (Outcome::Miss, 2));
+        let (a, o) = cache
+            .serve(1, Control::Normal, async { Ok(answer(3)) })
+            .await
+            .unwrap();
+        assert_eq!(
+            (o, a.response[0]),
+            (Outcome::Miss, 3),
+            "the degraded answers were not stored"
+        );
+        let (_, o) = cache
+            .serve(1, Control::Normal, async { Ok(answer(4)) })
+            .await
+            .unwrap();
+        assert_eq!(o, Outcome::Hit, "a full answer is");
+    }
+
+    #[tokio::test]
+    async fn waiters_share_a_failed_call_once_and_the_next_request_runs_afresh() {
+        let cache = RouteCache::new(Duration::from_secs(60), 1 << 20, metrics());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .serve(5, Control::Normal, async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Err(GatewayError::BadRequest("boom".into()))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().is_err());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one call for the eight");
+        let (_, o) = cache
+            .serve(5, Control::Normal, async { Ok(answer(1)) })
+            .await
+            .unwrap();
+        assert_eq!(o, Outcome::Miss, "the failure was not cached");
+    }
+
+    #[test]
+    fn a_stored_answer_takes_on_the_callers_id() {
+        let stored = ModelInferResponse {
+            model_name: "m".into(),
+            id: "first-caller".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mine = ModelInferResponse::decode(with_id(&Bytes::from(stored.clone()), "me")).unwrap();
+        assert_eq!((mine.id.as_str(), mine.model_name.as_str()), ("me", "m"));
+        let none = ModelInferResponse::decode(with_id(&Bytes::from(stored), "")).unwrap();
+        assert_eq!(none.id, "", "a caller without an id gets none");
     }
 }

@@ -20,17 +20,32 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
-use crate::routing::{Ensemble, PlanId, Stage};
+use crate::routing::{Ensemble, PlanId, Stage, TargetId};
 use tensors::Tensor;
 
 /// An answer from one plan: the encoded `ModelInferResponse` and what produced it.
 #[derive(Debug, Clone)]
 pub(crate) struct Answer {
     pub(crate) response: Bytes,
+    /// Which of the route's targets or plans answered.
+    pub(crate) by: AnsweredBy,
     /// `model/version` of the target that answered, or a description of a combination.
     pub(crate) label: Arc<str>,
     /// The cascade stage that answered and why, when a cascade did.
     pub(crate) cascade: Option<(usize, Verdict)>,
+    /// Whether the answer is less than the plan asks for: a fallback target answered, a
+    /// cascade answered with its best so far, an ensemble without a failed member. Such an
+    /// answer is returned but never cached.
+    pub(crate) degraded: bool,
+}
+
+/// Who answered, by identity within the request's route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AnsweredBy {
+    /// One of the route's targets.
+    Target(TargetId),
+    /// A plan that combined answers, or ran another route.
+    Plan(PlanId),
 }
 
 /// Runs a plan of the current route to completion.
@@ -274,6 +289,7 @@ pub(crate) async fn ensemble(
         tensors: combined,
         labels: answers.into_iter().map(|(_, _, l)| l).collect(),
         id,
+        degraded: !failed.is_empty(),
     })
 }
 
@@ -285,6 +301,8 @@ pub(crate) struct Combined {
     pub(crate) labels: Vec<Arc<str>>,
     /// The request id the members echoed.
     pub(crate) id: String,
+    /// Whether a member failed (the quorum answered without it).
+    pub(crate) degraded: bool,
 }
 #[cfg(test)]
 pub(crate) mod tests {
@@ -339,8 +357,10 @@ pub(crate) mod tests {
                 match result {
                     Ok(row) => Ok(Answer {
                         response: encode("m", &plan.0.to_string(), "", &probs(&[&row])),
+                        by: AnsweredBy::Plan(plan),
                         label: format!("m/{}", plan.0).into(),
                         cascade: None,
+                        degraded: false,
                     }),
                     Err(e) => Err(GatewayError::Upstream {
                         code: 14,

@@ -141,8 +141,10 @@ mod tests {
     fn answer(row: &[f64]) -> Answer {
         Answer {
             response: encode("m", "1", "", &probs(&[row])),
+            by: super::super::AnsweredBy::Target(crate::routing::TargetId(0)),
             label: "m/1".into(),
             cascade: None,
+            degraded: false,
         }
     }
 

@@ -65,13 +65,38 @@ impl State {
     }
 }
 
-/// What `admit` granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admission {
-    /// A normal request (breaker closed).
-    Normal,
-    /// A half-open probe; its outcome decides the state.
-    Probe,
+/// A request the breaker let through. It holds a probe slot while the breaker is
+/// half-open; [`Admission::record`] reports the outcome, and dropping it unrecorded (the
+/// deadline ran out before sending, the client's own fault, or a strategy dropped the
+/// call mid-flight) gives the slot back without saying anything of the target's health.
+#[derive(Debug)]
+#[must_use = "an admission says nothing until it is recorded or dropped"]
+pub(crate) struct Admission<'a> {
+    breaker: &'a Breaker,
+    /// Whether this holds a half-open probe slot (not yet given back).
+    probe: bool,
+}
+
+impl Admission<'_> {
+    /// Whether this is a half-open probe, whose outcome decides the state.
+    #[cfg(test)]
+    pub(crate) fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Reports the outcome: `true` when the upstream was healthy.
+    pub(crate) fn record(mut self, healthy: bool) {
+        let probe = std::mem::take(&mut self.probe);
+        self.breaker.outcome(probe, healthy);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.probes_in_flight.fetch_sub(1, AcqRel);
+        }
+    }
 }
 
 /// Metric handles of one breaker.
@@ -156,10 +181,15 @@ impl Breaker {
     }
 
     /// Asks to send a request; `None` means refused.
-    pub(crate) fn admit(&self) -> Option<Admission> {
+    pub(crate) fn admit(&self) -> Option<Admission<'_>> {
         loop {
             match State::from_u8(self.state.load(Acquire)) {
-                State::Closed => return Some(Admission::Normal),
+                State::Closed => {
+                    return Some(Admission {
+                        breaker: self,
+                        probe: false,
+                    });
+                }
                 State::Open => {
                     if self.now_ms() < self.mark_ms.load(Acquire) {
                         return None;
@@ -182,16 +212,19 @@ impl Breaker {
                     let got = self
                         .probes_in_flight
                         .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1));
-                    return got.ok().map(|_| Admission::Probe);
+                    return got.ok().map(|_| Admission {
+                        breaker: self,
+                        probe: true,
+                    });
                 }
             }
         }
     }
 
-    /// Reports an admitted request's outcome: `true` when the upstream was healthy.
-    pub(crate) fn record(&self, admission: Admission, healthy: bool) {
-        match admission {
-            Admission::Normal => {
+    /// An admitted request's outcome: `true` when the upstream was healthy.
+    fn outcome(&self, probe: bool, healthy: bool) {
+        match probe {
+            false => {
                 if healthy {
                     self.failures.store(0, std::sync::atomic::Ordering::Release);
                 } else {
@@ -201,7 +234,7 @@ impl Breaker {
                     }
                 }
             }
-            Admission::Probe => {
+            true => {
                 self.probes_in_flight.fetch_sub(1, AcqRel);
                 if !healthy {
                     self.open(State::HalfOpen);
@@ -223,14 +256,6 @@ impl Breaker {
                     self.transition(State::Closed);
                 }
             }
-        }
-    }
-
-    /// Gives back a probe whose request never reached the target (the deadline ran out
-    /// before it was sent, say): it says nothing about the target's health.
-    pub(crate) fn release(&self, admission: Admission) {
-        if admission == Admission::Probe {
-            self.probes_in_flight.fetch_sub(1, AcqRel);
         }
     }
 
@@ -294,8 +319,7 @@ mod tests {
 
     fn fail(b: &Breaker, n: u32) {
         for _ in 0..n {
-            let a = b.admit().expect("admitted");
-            b.record(a, false);
+            b.admit().expect("admitted").record(false);
         }
     }
 
@@ -303,8 +327,7 @@ mod tests {
     async fn opens_after_consecutive_failures_only() {
         let b = Breaker::new("t", settings());
         fail(&b, 2);
-        let a = b.admit().unwrap();
-        b.record(a, true); // a success resets the count
+        b.admit().unwrap().record(true); // a success resets the count
         fail(&b, 2);
         assert_eq!(b.state(), State::Closed);
         fail(&b, 1);
@@ -323,13 +346,13 @@ mod tests {
         assert_eq!(b.state(), State::HalfOpen);
         let p1 = b.admit().unwrap();
         let p2 = b.admit().unwrap();
-        assert_eq!((p1, p2), (Admission::Probe, Admission::Probe));
+        assert!(p1.is_probe() && p2.is_probe());
         assert!(b.admit().is_none(), "only two probes at a time");
-        b.record(p1, true);
+        p1.record(true);
         assert_eq!(b.state(), State::HalfOpen);
-        b.record(p2, true);
+        p2.record(true);
         assert_eq!(b.state(), State::Closed);
-        assert_eq!(b.admit(), Some(Admission::Normal));
+        assert!(!b.admit().expect("closed").is_probe());
     }
 
     #[tokio::test(start_paused = true)]
@@ -342,7 +365,7 @@ mod tests {
             assert!(b.admit().is_none(), "open for {expected:?}");
             tokio::time::advance(Duration::from_millis(1)).await;
             let probe = b.admit().expect("half-open after the cooldown");
-            b.record(probe, false); // the probe fails: open again, longer
+            probe.record(false); // the probe fails: open again, longer
             expected = (expected + Duration::from_secs(30)).min(Duration::from_secs(300));
         }
         assert_eq!(expected, Duration::from_secs(300));
@@ -354,13 +377,50 @@ mod tests {
         fail(&b, 3);
         tokio::time::advance(Duration::from_secs(30)).await;
         for _ in 0..2 {
-            let p = b.admit().unwrap();
-            b.record(p, true);
+            b.admit().unwrap().record(true);
         }
         assert_eq!(b.state(), State::Closed);
         tokio::time::advance(Duration::from_secs(301)).await;
         fail(&b, 3);
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(b.state(), State::HalfOpen, "back to the base cooldown");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unrecorded_gives_its_slot_back() {
+        // An ensemble that reaches quorum drops its unfinished members' calls, and with
+        // them their admissions: the half-open slot must come back, or the breaker stays
+        // half-open with no slot free until the process restarts.
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probes = [b.admit().unwrap(), b.admit().unwrap()];
+        assert!(!b.available(), "both slots taken");
+        drop(probes);
+        assert!(b.available(), "dropped probes gave their slots back");
+        assert_eq!(b.state(), State::HalfOpen, "and said nothing of health");
+        for _ in 0..2 {
+            b.admit().expect("a free slot").record(true);
+        }
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_inside_a_cancelled_call_gives_its_slot_back() {
+        let b = std::sync::Arc::new(Breaker::new("t", settings()));
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let held = b.clone();
+        let call = tokio::spawn(async move {
+            let admission = held.admit().expect("probe");
+            std::future::pending::<()>().await;
+            admission.record(true);
+        });
+        tokio::task::yield_now().await;
+        let _other = b.admit().expect("the second slot");
+        assert!(!b.available());
+        call.abort();
+        let _ = call.await;
+        assert!(b.available(), "the aborted call's probe slot is free again");
     }
 }

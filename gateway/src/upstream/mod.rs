@@ -5,6 +5,7 @@
 //! Breakers and readiness are keyed by target (backend, model, version): a reload that
 //! keeps a target keeps its breaker state.
 
+pub(crate) mod attempt;
 pub(crate) mod breaker;
 pub(crate) mod budget;
 pub(crate) mod client;
