@@ -62,19 +62,6 @@ async fn infer_one(
     (resp.into_inner(), headers)
 }
 
-/// The value of one series of the gateway's metrics (0 when absent).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Successful inferences a backend counted for one model version.
 async fn inference_count(backend: &TestBackend, model: &str, version: &str) -> u64 {
     let stats = backend
