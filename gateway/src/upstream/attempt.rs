@@ -437,6 +437,14 @@ mod tests {
         (kind, c.health, grpc)
     }
 
+    /// What happened, the reply, whose deadline, and the expected classification.
+    type Case = (
+        &'static str,
+        Result<Reply, CallError>,
+        Deadline,
+        (&'static str, Health, i32),
+    );
+
     #[tokio::test(start_paused = true)]
     async fn each_reply_is_classified_once_for_client_and_breaker() {
         let route = deadline(false);
@@ -447,12 +455,7 @@ mod tests {
                 after: Duration::from_millis(1),
             })
         };
-        let cases: Vec<(
-            &str,
-            Result<Reply, CallError>,
-            Deadline,
-            (&str, Health, i32),
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "ok",
                 status(code::OK, ""),
