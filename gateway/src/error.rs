@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use crate::metrics::Outcome;
+use crate::grpc::status::code;
 use crate::routing::RouteError;
-use crate::upstream::client::code;
 
 /// Why the gateway answered a request with an error.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -101,6 +100,36 @@ impl GatewayError {
             Self::UpstreamFailed { .. } => Outcome::UpstreamError,
             Self::Upstream { code: c, .. } if is_upstream_failure(*c) => Outcome::UpstreamError,
             _ => Outcome::ClientError,
+        }
+    }
+}
+
+/// How a request ended, for `switchyard_requests_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Ok = 0,
+    ClientError = 1,
+    UpstreamError = 2,
+    Unavailable = 3,
+    DeadlineExceeded = 4,
+}
+
+impl Outcome {
+    pub(crate) const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::ClientError,
+        Outcome::UpstreamError,
+        Outcome::Unavailable,
+        Outcome::DeadlineExceeded,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::UpstreamError => "upstream_error",
+            Self::Unavailable => "unavailable",
+            Self::DeadlineExceeded => "deadline_exceeded",
         }
     }
 }

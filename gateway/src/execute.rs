@@ -16,12 +16,12 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::grpc::infer::InferMessage;
 use crate::routing::{Decision, Plan, PlanId, Reason, remix};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{self, Answer, AnsweredBy, Invoker, Verdict, tensors};
 use crate::upstream::Upstreams;
 use crate::upstream::attempt::{self, Deadline, Failure, Options, Upstream};
-use crate::wire::InferMessage;
 
 /// Route references may chain (validation rejects cycles); this bounds them anyway.
 const MAX_ROUTE_DEPTH: u8 = 8;

@@ -8,7 +8,8 @@
 //! * `frontend`: pingora sessions to requests and back (`grpc`, `rest`, `admin`, `json`).
 //! * `upstream::attempt`: breaker admission, fallbacks, retries, deadline; `upstream`: pools, pooled
 //!   h2c connections (pingora's connector), health checks, breakers, retry budget.
-//! * `wire`: reads `model_name`/`model_version` from a `ModelInferRequest` without decoding
+//! * `grpc`: the gRPC codec both sides share (framing, status, `grpc-timeout`, method
+//!   paths); `grpc::infer` reads `model_name`/`model_version` from a `ModelInferRequest` without decoding
 //!   its tensors, and rewrites them for the chosen target.
 //!
 //! # How to use
@@ -25,6 +26,7 @@
 mod error;
 mod execute;
 mod frontend;
+mod grpc;
 mod metrics;
 mod proxy;
 mod reload;
@@ -32,7 +34,6 @@ pub mod routing;
 mod snapshot;
 mod strategy;
 mod upstream;
-mod wire;
 
 use std::future::Future;
 use std::os::fd::IntoRawFd;

@@ -7,7 +7,7 @@ use prometheus::{
     Registry,
 };
 
-use crate::upstream::breaker::BreakerMetrics;
+use crate::error::Outcome;
 
 /// Protocol label values, indexed by [`Protocol`].
 pub(crate) const PROTOCOLS: [&str; 2] = ["grpc", "rest"];
@@ -17,36 +17,6 @@ pub(crate) const PROTOCOLS: [&str; 2] = ["grpc", "rest"];
 pub(crate) enum Protocol {
     Grpc = 0,
     Rest = 1,
-}
-
-/// How a request ended, for `switchyard_requests_total{result}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    Ok = 0,
-    ClientError = 1,
-    UpstreamError = 2,
-    Unavailable = 3,
-    DeadlineExceeded = 4,
-}
-
-impl Outcome {
-    pub(crate) const ALL: [Outcome; 5] = [
-        Outcome::Ok,
-        Outcome::ClientError,
-        Outcome::UpstreamError,
-        Outcome::Unavailable,
-        Outcome::DeadlineExceeded,
-    ];
-
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::ClientError => "client_error",
-            Self::UpstreamError => "upstream_error",
-            Self::Unavailable => "unavailable",
-            Self::DeadlineExceeded => "deadline_exceeded",
-        }
-    }
 }
 
 /// How one upstream attempt ended, for `switchyard_upstream_attempts_total{outcome}`.
@@ -336,15 +306,9 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn shadow(
-        &self,
-        route: &str,
-        shadow: &str,
-        in_flight: std::sync::Arc<std::sync::atomic::AtomicU32>,
-        max_in_flight: u32,
-    ) -> crate::strategy::shadow::ShadowStats {
+    pub(crate) fn shadow(&self, route: &str, shadow: &str) -> ShadowMetrics {
         let req = |r: &str| self.shadow_requests.with_label_values(&[route, shadow, r]);
-        crate::strategy::shadow::ShadowStats {
+        ShadowMetrics {
             ok: req("ok"),
             error: req("error"),
             dropped: req("dropped"),
@@ -359,18 +323,11 @@ impl Metrics {
             latency_delta: self
                 .shadow_latency_delta
                 .with_label_values(&[route, shadow]),
-            in_flight,
-            max_in_flight,
         }
     }
 
-    pub(crate) fn cascade(
-        &self,
-        route: &str,
-        plan: &str,
-        stages: usize,
-    ) -> crate::strategy::CascadeStats {
-        crate::strategy::CascadeStats::new(stages, &|i, outcome| {
+    pub(crate) fn cascade(&self, route: &str, plan: &str, stages: usize) -> CascadeMetrics {
+        CascadeMetrics::new(stages, &|i, outcome| {
             self.cascade_stages
                 .with_label_values(&[route, plan, &(i + 1).to_string(), outcome])
         })
@@ -385,9 +342,9 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn cache(&self, route: &str) -> crate::strategy::cache::CacheMetrics {
+    pub(crate) fn cache(&self, route: &str) -> CacheMetrics {
         let req = |r: &str| self.cache_requests.with_label_values(&[route, r]);
-        crate::strategy::cache::CacheMetrics {
+        CacheMetrics {
             hits: req("hit"),
             misses: req("miss"),
             coalesced: req("coalesced"),
@@ -450,6 +407,61 @@ impl TargetMetrics {
 
     pub(crate) fn attempt(&self, a: Attempt) {
         self.attempts[a as usize].inc();
+    }
+}
+
+/// Metric handles of one breaker.
+#[derive(Debug, Clone)]
+pub(crate) struct BreakerMetrics {
+    pub(crate) state: IntGauge,
+    pub(crate) opened: IntCounter,
+    pub(crate) half_opened: IntCounter,
+    pub(crate) closed: IntCounter,
+}
+
+/// Counters of one route's cache.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheMetrics {
+    pub(crate) hits: IntCounter,
+    pub(crate) misses: IntCounter,
+    pub(crate) coalesced: IntCounter,
+    pub(crate) bypass: IntCounter,
+    pub(crate) evictions: IntCounter,
+    pub(crate) bytes: IntGauge,
+}
+
+/// The metrics of one route's shadow.
+#[derive(Debug, Clone)]
+pub(crate) struct ShadowMetrics {
+    pub(crate) ok: IntCounter,
+    pub(crate) error: IntCounter,
+    pub(crate) dropped: IntCounter,
+    pub(crate) agree: IntCounter,
+    pub(crate) disagree: IntCounter,
+    pub(crate) uncomparable: IntCounter,
+    pub(crate) max_abs_diff: Histogram,
+    pub(crate) latency_delta: Histogram,
+}
+
+/// Per-stage counters of one cascade.
+#[derive(Debug, Clone)]
+pub(crate) struct CascadeMetrics {
+    pub(crate) answered: Box<[IntCounter]>,
+    pub(crate) escalated: Box<[IntCounter]>,
+    pub(crate) skipped_deadline: Box<[IntCounter]>,
+    pub(crate) failed: Box<[IntCounter]>,
+}
+
+impl CascadeMetrics {
+    /// `counter(stage, outcome)` for each of `stages` stages.
+    pub(crate) fn new(stages: usize, counter: &dyn Fn(usize, &str) -> IntCounter) -> Self {
+        let make = |what: &str| (0..stages).map(|i| counter(i, what)).collect::<Box<[_]>>();
+        Self {
+            answered: make("answered"),
+            escalated: make("escalated"),
+            skipped_deadline: make("skipped_deadline"),
+            failed: make("failed"),
+        }
     }
 }
 

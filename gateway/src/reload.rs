@@ -14,9 +14,10 @@ use switchyard_config::{Diagnostic, Diagnostics, load_policies};
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::grpc::MODEL_METADATA;
 use crate::routing::{self, Plan, RoutingTable, TargetId};
 use crate::snapshot::Snapshot;
-use crate::upstream::{MODEL_METADATA, Upstreams};
+use crate::upstream::Upstreams;
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 
 /// The outcome of the last reload attempt, for `GET /admin/policy`.

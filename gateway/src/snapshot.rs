@@ -170,8 +170,11 @@ impl Snapshot {
                     }
                     match plan {
                         Plan::Cascade(stages) => {
-                            entry.cascade =
-                                Some(Arc::new(metrics.cascade(&route.name, &name, stages.len())));
+                            entry.cascade = Some(Arc::new(CascadeStats::new(metrics.cascade(
+                                &route.name,
+                                &name,
+                                stages.len(),
+                            ))));
                         }
                         Plan::Ensemble(e) => {
                             entry.ensemble = Some(EnsembleRuntime {
@@ -196,7 +199,11 @@ impl Snapshot {
                     .entry(route.name.to_string())
                     .or_default()
                     .clone();
-                Arc::new(metrics.shadow(&route.name, &sh.name, in_flight, sh.max_in_flight))
+                Arc::new(ShadowStats {
+                    metrics: metrics.shadow(&route.name, &sh.name),
+                    in_flight,
+                    max_in_flight: sh.max_in_flight,
+                })
             });
             let cache = route.cache.map(|spec| {
                 let identity = CacheIdentity {

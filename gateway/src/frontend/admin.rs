@@ -85,7 +85,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
                 let (Some(spec), Some(s)) = (&entry.route.shadow, &entry.shadow) else {
                     continue;
                 };
-                let (agreed, disagreed) = (s.agree.get(), s.disagree.get());
+                let (agreed, disagreed) = (s.metrics.agree.get(), s.metrics.disagree.get());
                 let compared = agreed + disagreed;
                 rows.push(json!({
                     "route": &*entry.route.name,
@@ -94,12 +94,12 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
                     "compared": compared,
                     "agreed": agreed,
                     "agreement_rate": if compared == 0 { None } else { Some(agreed as f64 / compared as f64) },
-                    "mean_max_abs_difference": (compared > 0).then(|| s.max_abs_diff.get_sample_sum() / s.max_abs_diff.get_sample_count().max(1) as f64),
-                    "mean_latency_delta_seconds": (compared > 0).then(|| s.latency_delta.get_sample_sum() / s.latency_delta.get_sample_count().max(1) as f64),
-                    "ok": s.ok.get(),
-                    "errors": s.error.get(),
-                    "dropped": s.dropped.get(),
-                    "uncomparable": s.uncomparable.get(),
+                    "mean_max_abs_difference": (compared > 0).then(|| s.metrics.max_abs_diff.get_sample_sum() / s.metrics.max_abs_diff.get_sample_count().max(1) as f64),
+                    "mean_latency_delta_seconds": (compared > 0).then(|| s.metrics.latency_delta.get_sample_sum() / s.metrics.latency_delta.get_sample_count().max(1) as f64),
+                    "ok": s.metrics.ok.get(),
+                    "errors": s.metrics.error.get(),
+                    "dropped": s.metrics.dropped.get(),
+                    "uncomparable": s.metrics.uncomparable.get(),
                     "in_flight": s.in_flight.load(std::sync::atomic::Ordering::Relaxed),
                     "max_in_flight": s.max_in_flight,
                 }));

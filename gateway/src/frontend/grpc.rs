@@ -19,12 +19,13 @@ use tokio::time::Instant;
 use super::{Said, models, read_body};
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::grpc::SERVICE;
+use crate::grpc::frame::{frame, unframe};
+use crate::grpc::infer::split_infer_request;
+use crate::grpc::status::{parse_grpc_timeout, percent_encode};
 use crate::metrics::Protocol;
 use crate::snapshot::Snapshot;
-use crate::upstream::client::{frame, parse_grpc_timeout, percent_encode, unframe};
-use crate::wire::split_infer_request;
 
-const SERVICE: &str = "/inference.GRPCInferenceService/";
 const PROTOCOL: Protocol = Protocol::Grpc;
 
 /// Serves one gRPC request to completion.

@@ -19,16 +19,16 @@ use super::Said;
 use crate::Shared;
 use crate::error::GatewayError;
 use crate::execute::{self, Executor, ShadowCopy};
-use crate::metrics::{Outcome, Protocol};
+use crate::error::Outcome;
+use crate::metrics::Protocol;
 use crate::routing::{Decision, PlanId, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{Answer, AnsweredBy, cache, shadow};
 use crate::upstream::attempt::{Deadline, Failure};
-use crate::upstream::{ControlError, MODEL_METADATA, MODEL_READY};
-use crate::wire::InferMessage;
+use crate::grpc::infer::InferMessage;
+use crate::grpc::{MODEL_CONFIG, MODEL_METADATA, MODEL_READY, MODEL_STATISTICS};
+use crate::upstream::ControlError;
 
-const MODEL_CONFIG: &str = "/inference.GRPCInferenceService/ModelConfig";
-const MODEL_STATISTICS: &str = "/inference.GRPCInferenceService/ModelStatistics";
 
 /// Budget for metadata-style calls.
 const CONTROL_BUDGET: Duration = Duration::from_secs(5);
@@ -191,11 +191,11 @@ async fn cached(
         Ok((answer, outcome)) => {
             said.cache = Some(outcome.header());
             Ok(match outcome {
-                cache::Outcome::Hit | cache::Outcome::Coalesced => Answer {
+                cache::Served::Hit | cache::Served::Coalesced => Answer {
                     response: cache::with_id(&answer.response, &id),
                     ..answer
                 },
-                cache::Outcome::Miss | cache::Outcome::Bypass => answer,
+                cache::Served::Miss | cache::Served::Bypass => answer,
             })
         }
         Err(error) => Err(Failure {

@@ -16,7 +16,7 @@ use crate::Shared;
 use crate::error::GatewayError;
 use crate::metrics::Protocol;
 use crate::snapshot::Snapshot;
-use crate::wire::split_infer_request;
+use crate::grpc::infer::split_infer_request;
 
 const PROTOCOL: Protocol = Protocol::Rest;
 const JSON: &str = "application/json";

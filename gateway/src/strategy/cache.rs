@@ -10,14 +10,14 @@
 
 use bytes::{Bytes, BytesMut};
 use moka::future::Cache;
-use prometheus::{IntCounter, IntGauge};
 use prost::Message;
 use switchyard_proto::inference::ModelInferRequest;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::Answer;
 use crate::error::GatewayError;
-use crate::wire::InferMessage;
+use crate::grpc::infer::InferMessage;
+use crate::metrics::CacheMetrics;
 
 /// Parameters that change when or how an answer comes, never what it is.
 const NOT_IN_KEY: [&str; 6] = [
@@ -59,9 +59,9 @@ impl Control {
     }
 }
 
-/// How a request was served.
+/// How the cache served a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub(crate) enum Served {
     Hit,
     Miss,
     /// Another request's upstream call answered this one too.
@@ -69,7 +69,7 @@ pub(crate) enum Outcome {
     Bypass,
 }
 
-impl Outcome {
+impl Served {
     /// The `x-switchyard-cache` value: a coalesced wait caused no upstream call of its own.
     pub(crate) fn header(self) -> &'static str {
         match self {
@@ -78,17 +78,6 @@ impl Outcome {
             Self::Bypass => "bypass",
         }
     }
-}
-
-/// Counters of one route's cache.
-#[derive(Debug, Clone)]
-pub(crate) struct CacheMetrics {
-    pub(crate) hits: IntCounter,
-    pub(crate) misses: IntCounter,
-    pub(crate) coalesced: IntCounter,
-    pub(crate) bypass: IntCounter,
-    pub(crate) evictions: IntCounter,
-    pub(crate) bytes: IntGauge,
 }
 
 /// One route's cache.
@@ -135,7 +124,7 @@ impl RouteCache {
         key: u128,
         control: Control,
         upstream: F,
-    ) -> Result<(Answer, Outcome), GatewayError>
+    ) -> Result<(Answer, Served), GatewayError>
     where
         F: std::future::Future<Output = Result<Answer, GatewayError>>,
     {
@@ -143,21 +132,21 @@ impl RouteCache {
         let result = match control {
             Control::NoStore => {
                 m.bypass.inc();
-                return upstream.await.map(|a| (a, Outcome::Bypass));
+                return upstream.await.map(|a| (a, Served::Bypass));
             }
             Control::NoCache => {
                 m.bypass.inc();
                 let answer = upstream.await?;
                 if answer.degraded {
-                    return Ok((answer, Outcome::Miss));
+                    return Ok((answer, Served::Miss));
                 }
                 self.entries.insert(key, answer.clone()).await;
-                (answer, Outcome::Miss)
+                (answer, Served::Miss)
             }
             Control::Normal => {
                 if let Some(hit) = self.entries.get(&key).await {
                     m.hits.inc();
-                    return Ok((hit, Outcome::Hit));
+                    return Ok((hit, Served::Hit));
                 }
                 // Whether this caller's own call ran (a miss), or it waited on another's.
                 let ran = std::sync::atomic::AtomicBool::new(false);
@@ -172,10 +161,10 @@ impl RouteCache {
                 let got = self.entries.entry(key).or_try_insert_with(call).await;
                 let outcome = if ran.load(std::sync::atomic::Ordering::Relaxed) {
                     m.misses.inc();
-                    Outcome::Miss
+                    Served::Miss
                 } else {
                     m.coalesced.inc();
-                    Outcome::Coalesced
+                    Served::Coalesced
                 };
                 match got {
                     Ok(entry) => (entry.into_value(), outcome),
@@ -188,7 +177,7 @@ impl RouteCache {
                 }
             }
         };
-        if result.1 == Outcome::Miss {
+        if result.1 == Served::Miss {
             // moka applies writes lazily; settle them so the size (and evictions) are
             // current. Only stores pay for it, never hits.
             self.entries.run_pending_tasks().await;
@@ -282,7 +271,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::wire::split_infer_request;
+    use crate::grpc::infer::split_infer_request;
+    use prometheus::{IntCounter, IntGauge};
     use switchyard_proto::inference::ModelInferResponse;
     use switchyard_proto::inference::model_infer_request::InferInputTensor;
 
@@ -362,25 +352,25 @@ mod tests {
             Ok(answer(n))
         };
         let (a, o) = cache.serve(1, Control::Normal, run()).await.unwrap();
-        assert_eq!((o, a.response[0]), (Outcome::Miss, 0));
+        assert_eq!((o, a.response[0]), (Served::Miss, 0));
         let (a, o) = cache.serve(1, Control::Normal, run()).await.unwrap();
         assert_eq!(
             (o, a.response[0]),
-            (Outcome::Hit, 0),
+            (Served::Hit, 0),
             "served from the cache"
         );
         let (a, o) = cache.serve(1, Control::NoCache, run()).await.unwrap();
         assert_eq!(
             (o, a.response[0]),
-            (Outcome::Miss, 1),
+            (Served::Miss, 1),
             "no-cache skips the lookup"
         );
         let (a, _) = cache.serve(1, Control::Normal, run()).await.unwrap();
         assert_eq!(a.response[0], 1, "and stores the fresh answer");
         let (a, o) = cache.serve(2, Control::NoStore, run()).await.unwrap();
-        assert_eq!((o, a.response[0]), (Outcome::Bypass, 2));
+        assert_eq!((o, a.response[0]), (Served::Bypass, 2));
         let (_, o) = cache.serve(2, Control::Normal, run()).await.unwrap();
-        assert_eq!(o, Outcome::Miss, "no-store stored nothing");
+        assert_eq!(o, Served::Miss, "no-store stored nothing");
         let failed = cache
             .serve(3, Control::Normal, async {
                 Err(GatewayError::BadRequest("no".into()))
@@ -388,7 +378,7 @@ mod tests {
             .await;
         assert!(failed.is_err());
         let (_, o) = cache.serve(3, Control::Normal, run()).await.unwrap();
-        assert_eq!(o, Outcome::Miss, "errors are never stored");
+        assert_eq!(o, Served::Miss, "errors are never stored");
         assert_eq!(
             Control::from_header(Some(b"max-age=0, No-Store")),
             Control::NoStore
@@ -426,7 +416,7 @@ mod tests {
             1,
             "one upstream call for sixteen requests"
         );
-        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Miss).count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == Served::Miss).count(), 1);
         assert_eq!(cache.metrics.coalesced.get() + cache.metrics.hits.get(), 15);
     }
 
@@ -444,14 +434,14 @@ mod tests {
                 .await
                 .unwrap()
                 .1,
-            Outcome::Hit
+            Served::Hit
         );
         tokio::time::sleep(Duration::from_millis(150)).await;
         let (a, o) = cache
             .serve(1, Control::Normal, async { Ok(answer(3)) })
             .await
             .unwrap();
-        assert_eq!((o, a.response[0]), (Outcome::Miss, 3));
+        assert_eq!((o, a.response[0]), (Served::Miss, 3));
     }
 
     fn degraded(n: usize) -> Answer {
@@ -468,26 +458,26 @@ mod tests {
             .serve(1, Control::Normal, async { Ok(degraded(1)) })
             .await
             .unwrap();
-        assert_eq!((o, a.response[0]), (Outcome::Miss, 1));
+        assert_eq!((o, a.response[0]), (Served::Miss, 1));
         let (a, o) = cache
             .serve(1, Control::NoCache, async { Ok(degraded(2)) })
             .await
             .unwrap();
-        assert_eq!((o, a.response[0]), (Outcome::Miss, 2));
+        assert_eq!((o, a.response[0]), (Served::Miss, 2));
         let (a, o) = cache
             .serve(1, Control::Normal, async { Ok(answer(3)) })
             .await
             .unwrap();
         assert_eq!(
             (o, a.response[0]),
-            (Outcome::Miss, 3),
+            (Served::Miss, 3),
             "the degraded answers were not stored"
         );
         let (_, o) = cache
             .serve(1, Control::Normal, async { Ok(answer(4)) })
             .await
             .unwrap();
-        assert_eq!(o, Outcome::Hit, "a full answer is");
+        assert_eq!(o, Served::Hit, "a full answer is");
     }
 
     #[tokio::test]
@@ -516,7 +506,7 @@ mod tests {
             .serve(5, Control::Normal, async { Ok(answer(1)) })
             .await
             .unwrap();
-        assert_eq!(o, Outcome::Miss, "the failure was not cached");
+        assert_eq!(o, Served::Miss, "the failure was not cached");
     }
 
     #[test]

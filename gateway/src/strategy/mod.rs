@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
+use crate::metrics::CascadeMetrics;
 use crate::routing::{Ensemble, PlanId, Stage, TargetId};
 use tensors::Tensor;
 
@@ -82,22 +82,16 @@ pub(crate) struct CascadeAnswer {
 /// Per-stage counters and latency estimates of one cascade.
 #[derive(Debug)]
 pub(crate) struct CascadeStats {
-    pub(crate) answered: Box<[IntCounter]>,
-    pub(crate) escalated: Box<[IntCounter]>,
-    pub(crate) skipped_deadline: Box<[IntCounter]>,
-    pub(crate) failed: Box<[IntCounter]>,
+    pub(crate) metrics: CascadeMetrics,
     /// Moving average of each stage's latency, µs (0: not yet measured).
     latency_us: Box<[AtomicU64]>,
 }
 
 impl CascadeStats {
-    pub(crate) fn new(stages: usize, counter: &dyn Fn(usize, &str) -> IntCounter) -> Self {
-        let make = |what: &str| (0..stages).map(|i| counter(i, what)).collect::<Box<[_]>>();
+    pub(crate) fn new(metrics: CascadeMetrics) -> Self {
+        let stages = metrics.answered.len();
         Self {
-            answered: make("answered"),
-            escalated: make("escalated"),
-            skipped_deadline: make("skipped_deadline"),
-            failed: make("failed"),
+            metrics,
             latency_us: (0..stages).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -138,7 +132,7 @@ pub(crate) async fn cascade(
         if let Some((_, b)) = &best
             && (remaining.is_zero() || remaining < stats.estimate(i))
         {
-            stats.skipped_deadline[i].inc();
+            stats.metrics.skipped_deadline[i].inc();
             return Ok(CascadeAnswer {
                 verdict: Verdict::Deadline,
                 ..b.clone()
@@ -148,14 +142,14 @@ pub(crate) async fn cascade(
         let answer = match invoker.run(stage.plan, deadline).await {
             Ok(a) => a,
             Err(e) => {
-                stats.failed[i].inc();
+                stats.metrics.failed[i].inc();
                 last_error = Some(e);
                 continue;
             }
         };
         stats.observe(i, started.elapsed());
         let Some(accept) = stage.accept.as_ref().filter(|_| i < last) else {
-            stats.answered[i].inc();
+            stats.metrics.answered[i].inc();
             return Ok(CascadeAnswer {
                 answer,
                 stage: i,
@@ -166,7 +160,7 @@ pub(crate) async fn cascade(
             .and_then(|(_, ts)| tensors::confidence(&ts, accept, stage.output.as_deref()));
         match checked {
             Ok((_, true)) => {
-                stats.answered[i].inc();
+                stats.metrics.answered[i].inc();
                 return Ok(CascadeAnswer {
                     answer,
                     stage: i,
@@ -174,7 +168,7 @@ pub(crate) async fn cascade(
                 });
             }
             Ok((confidence, false)) => {
-                stats.escalated[i].inc();
+                stats.metrics.escalated[i].inc();
                 if best.as_ref().is_none_or(|(c, _)| confidence > *c) {
                     best = Some((
                         confidence,
@@ -188,7 +182,7 @@ pub(crate) async fn cascade(
             }
             Err(reason) => {
                 // An answer the test cannot read is a failed stage.
-                stats.failed[i].inc();
+                stats.metrics.failed[i].inc();
                 last_error = Some(GatewayError::UpstreamFailed {
                     route: String::new(),
                     reason: format!("cascade stage {i}: {reason}"),
@@ -312,6 +306,7 @@ pub(crate) mod tests {
     use super::tensors::{encode, tests::probs};
     use super::*;
     use crate::routing::{Accept, Combine};
+    use prometheus::IntCounter;
 
     /// A scripted invoker: per plan, a delay and an answer (probabilities) or an error.
     pub(crate) struct Fake {
@@ -372,9 +367,9 @@ pub(crate) mod tests {
     }
 
     fn stats(n: usize) -> CascadeStats {
-        CascadeStats::new(n, &|i, what| {
+        CascadeStats::new(crate::metrics::CascadeMetrics::new(n, &|i, what| {
             IntCounter::new(format!("c_{i}_{what}"), "test").unwrap()
-        })
+        }))
     }
 
     fn stages(threshold: f64) -> Vec<Stage> {
@@ -409,7 +404,7 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!((a.stage, a.verdict), (0, Verdict::Accepted));
         assert_eq!(fake.calls(1), 0, "the big model never ran");
-        assert_eq!(s.answered[0].get(), 1);
+        assert_eq!(s.metrics.answered[0].get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -431,7 +426,10 @@ pub(crate) mod tests {
             (a.stage, a.verdict, &*a.answer.label),
             (1, Verdict::Last, "m/1")
         );
-        assert_eq!((s.escalated[0].get(), s.answered[1].get()), (1, 1));
+        assert_eq!(
+            (s.metrics.escalated[0].get(), s.metrics.answered[1].get()),
+            (1, 1)
+        );
 
         let failing = Fake::new(vec![(0, 5, Err("down")), (1, 50, Ok(vec![0.2, 0.8]))]);
         let s = stats(2);
@@ -444,7 +442,7 @@ pub(crate) mod tests {
         .await
         .unwrap();
         assert_eq!(a.stage, 1, "a failing stage falls through");
-        assert_eq!(s.failed[0].get(), 1);
+        assert_eq!(s.metrics.failed[0].get(), 1);
 
         let last_fails = Fake::new(vec![(0, 5, Ok(vec![0.6, 0.4])), (1, 50, Err("down"))]);
         let a = cascade(
@@ -487,7 +485,7 @@ pub(crate) mod tests {
         .await
         .unwrap();
         assert_eq!((a.stage, a.verdict), (0, Verdict::Deadline));
-        assert_eq!(s.skipped_deadline[1].get(), 1);
+        assert_eq!(s.metrics.skipped_deadline[1].get(), 1);
         assert_eq!(fake.calls(1), 1, "stage 1 ran only the first time");
     }
 

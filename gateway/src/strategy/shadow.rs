@@ -9,24 +9,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prometheus::{Histogram, IntCounter};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Answer, tensors};
 use crate::error::GatewayError;
+use crate::metrics::ShadowMetrics;
 
-/// Counters and histograms of one route's shadow, plus its in-flight bound.
+/// The metrics of one route's shadow, plus its in-flight bound.
 #[derive(Debug)]
 pub(crate) struct ShadowStats {
-    pub(crate) ok: IntCounter,
-    pub(crate) error: IntCounter,
-    pub(crate) dropped: IntCounter,
-    pub(crate) agree: IntCounter,
-    pub(crate) disagree: IntCounter,
-    pub(crate) uncomparable: IntCounter,
-    pub(crate) max_abs_diff: Histogram,
-    pub(crate) latency_delta: Histogram,
+    pub(crate) metrics: ShadowMetrics,
     /// Shared across reloads of the route, so a reload cannot double the bound.
     pub(crate) in_flight: Arc<AtomicU32>,
     pub(crate) max_in_flight: u32,
@@ -53,7 +46,7 @@ where
             (n < stats.max_in_flight).then_some(n + 1)
         });
     if admitted.is_err() {
-        stats.dropped.inc();
+        stats.metrics.dropped.inc();
         return None;
     }
     let (report, primary) = oneshot::channel::<(Bytes, Duration)>();
@@ -64,9 +57,9 @@ where
         let result = call.await;
         let took = started.elapsed();
         match result {
-            Err(_) => stats.error.inc(),
+            Err(_) => stats.metrics.error.inc(),
             Ok(answer) => {
-                stats.ok.inc();
+                stats.metrics.ok.inc();
                 // A primary that failed sends nothing: there is nothing to compare.
                 if let Ok((primary_response, primary_took)) = primary.await {
                     record(
@@ -96,19 +89,20 @@ fn record(
     match compared {
         Ok(c) => {
             if c.agree {
-                stats.agree.inc()
+                stats.metrics.agree.inc()
             } else {
-                stats.disagree.inc()
+                stats.metrics.disagree.inc()
             }
             if let Some(d) = c.max_abs_diff.iter().map(|(_, d)| *d).reduce(f64::max) {
-                stats.max_abs_diff.observe(d);
+                stats.metrics.max_abs_diff.observe(d);
             }
             stats
+                .metrics
                 .latency_delta
                 .observe(shadow_took.as_secs_f64() - primary_took.as_secs_f64());
         }
         Err(reason) => {
-            stats.uncomparable.inc();
+            stats.metrics.uncomparable.inc();
             tracing::debug!(%reason, "shadow answer not comparable with the primary's");
         }
     }
@@ -118,6 +112,7 @@ fn record(
 mod tests {
     use super::*;
     use crate::strategy::tensors::{encode, tests::probs};
+    use prometheus::{Histogram, IntCounter};
 
     fn stats(max: u32) -> Arc<ShadowStats> {
         let c = |n: &str| IntCounter::new(format!("s_{n}"), "t").unwrap();
@@ -125,14 +120,16 @@ mod tests {
             Histogram::with_opts(prometheus::HistogramOpts::new(format!("h_{n}"), "t")).unwrap()
         };
         Arc::new(ShadowStats {
-            ok: c("ok"),
-            error: c("error"),
-            dropped: c("dropped"),
-            agree: c("agree"),
-            disagree: c("disagree"),
-            uncomparable: c("unc"),
-            max_abs_diff: h("d"),
-            latency_delta: h("l"),
+            metrics: ShadowMetrics {
+                ok: c("ok"),
+                error: c("error"),
+                dropped: c("dropped"),
+                agree: c("agree"),
+                disagree: c("disagree"),
+                uncomparable: c("unc"),
+                max_abs_diff: h("d"),
+                latency_delta: h("l"),
+            },
             in_flight: Arc::new(AtomicU32::new(0)),
             max_in_flight: max,
         })
@@ -162,10 +159,17 @@ mod tests {
         let failing = start_shadow(&s, 5, Err("down"));
         drop(failing); // a primary that failed reports nothing
         tokio::time::sleep(Duration::from_secs(11)).await;
-        assert_eq!((s.ok.get(), s.error.get(), s.agree.get()), (1, 1, 1));
+        assert_eq!(
+            (
+                s.metrics.ok.get(),
+                s.metrics.error.get(),
+                s.metrics.agree.get()
+            ),
+            (1, 1, 1)
+        );
         assert_eq!(s.in_flight.load(Ordering::SeqCst), 0);
-        assert_eq!(s.latency_delta.get_sample_count(), 1);
-        assert!((s.max_abs_diff.get_sample_sum() - 0.1).abs() < 1e-6);
+        assert_eq!(s.metrics.latency_delta.get_sample_count(), 1);
+        assert!((s.metrics.max_abs_diff.get_sample_sum() - 0.1).abs() < 1e-6);
     }
 
     #[tokio::test(start_paused = true)]
@@ -175,7 +179,7 @@ mod tests {
         let b = start_shadow(&s, 1000, Ok(answer(&[0.5, 0.5])));
         let c = start_shadow(&s, 1000, Ok(answer(&[0.5, 0.5])));
         assert!(a.is_some() && b.is_some() && c.is_none());
-        assert_eq!(s.dropped.get(), 1);
+        assert_eq!(s.metrics.dropped.get(), 1);
         // The primaries finish (here: fail) and report nothing; the copies then end.
         drop((a, b));
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -192,7 +196,7 @@ mod tests {
         r.send((answer(&[0.1, 0.9]).response, Duration::from_millis(3)))
             .unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!((s.agree.get(), s.disagree.get()), (0, 1));
+        assert_eq!((s.metrics.agree.get(), s.metrics.disagree.get()), (0, 1));
     }
 
     fn start_shadow(

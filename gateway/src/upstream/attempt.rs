@@ -16,15 +16,15 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::budget::RetryBudget;
-use super::client::{CallError, Reply, code};
+use super::client::{CallError, Reply};
 use super::{Endpoint, Upstreams};
 use crate::error::{GatewayError, is_upstream_failure};
+use crate::grpc::MODEL_INFER;
+use crate::grpc::infer::InferMessage;
+use crate::grpc::status::code;
 use crate::metrics::Attempt;
 use crate::routing::{Decision, TargetId};
 use crate::snapshot::RouteEntry;
-use crate::wire::InferMessage;
-
-pub(crate) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// A backend's timeout this close to the request's deadline is the deadline passing.
 const DEADLINE_SLACK: Duration = Duration::from_millis(5);
@@ -397,10 +397,10 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::*;
+    use crate::grpc::infer::split_infer_request;
     use crate::metrics::Metrics;
     use crate::snapshot::{Kept, Snapshot};
     use crate::upstream::breaker::State;
-    use crate::wire::split_infer_request;
 
     const ROUTE_MS: u64 = 250;
 

@@ -18,9 +18,10 @@
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::AcqRel, Ordering::Acquire};
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge};
 use tokio::time::Instant;
 use tracing::{info, warn};
+
+use crate::metrics::BreakerMetrics;
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,15 +98,6 @@ impl Drop for Admission<'_> {
             self.breaker.probes_in_flight.fetch_sub(1, AcqRel);
         }
     }
-}
-
-/// Metric handles of one breaker.
-#[derive(Debug, Clone)]
-pub(crate) struct BreakerMetrics {
-    pub(crate) state: IntGauge,
-    pub(crate) opened: IntCounter,
-    pub(crate) half_opened: IntCounter,
-    pub(crate) closed: IntCounter,
 }
 
 /// One breaker.

@@ -29,13 +29,11 @@ use switchyard_proto::inference::{
 };
 use tracing::{info, warn};
 
+use crate::grpc::status::code;
+use crate::grpc::{MODEL_READY, SERVER_READY};
 use crate::metrics::Metrics;
 use breaker::{Breaker, BreakerSettings};
 use client::{CallError, Reply};
-
-pub(crate) const SERVER_READY: &str = "/inference.GRPCInferenceService/ServerReady";
-pub(crate) const MODEL_READY: &str = "/inference.GRPCInferenceService/ModelReady";
-pub(crate) const MODEL_METADATA: &str = "/inference.GRPCInferenceService/ModelMetadata";
 
 /// Why a typed control call (`Upstreams::control`) gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -299,7 +297,7 @@ impl Upstreams {
                 false,
             )
             .await?;
-        if reply.status != client::code::OK {
+        if reply.status != code::OK {
             return Err(ControlError::Status {
                 code: reply.status,
                 message: reply.message,
