@@ -18,6 +18,7 @@
 mod diagnostic;
 pub mod gateway;
 pub mod policy;
+pub mod rules;
 mod units;
 pub mod validate;
 

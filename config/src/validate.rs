@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::diagnostic::Diagnostic;
 use crate::gateway::GatewayConfig;
 use crate::policy::{Combine, HeaderMatchConfig, PlanConfig, PolicyFile, RuleConfig};
+use crate::rules;
 use crate::units::At;
 
 /// Longest deadline a route may set.
@@ -170,16 +171,8 @@ pub fn validate_policy(
                 "give exactly one of target or plan".into(),
             ),
         }
-        if !(sh.percent > 0.0 && sh.percent <= 100.0) {
-            at(
-                line,
-                column,
-                "shadow.percent".into(),
-                format!(
-                    "percent must be above 0 and at most 100, got {}",
-                    sh.percent
-                ),
-            );
+        if let Err(e) = rules::percent_threshold(sh.percent) {
+            at(line, column, "shadow.percent".into(), e);
         }
         if sh.max_in_flight == 0 {
             at(
@@ -262,7 +255,7 @@ fn check_rule(path: &str, rule: &RuleConfig, at: &mut impl FnMut(u64, u64, Strin
     let (line, column) = (rule.when.line, rule.when.column);
     for (name, cond) in &rule.when.value.headers {
         let hpath = format!("{path}.match.headers.{name}");
-        if !valid_header_name(name) {
+        if !rules::valid_header_name(name) {
             at(
                 line,
                 column,
@@ -274,20 +267,8 @@ fn check_rule(path: &str, rule: &RuleConfig, at: &mut impl FnMut(u64, u64, Strin
         }
         match cond {
             HeaderMatchConfig::Regex(re) => {
-                if let Err(e) = regex::Regex::new(re) {
-                    let first = e
-                        .to_string()
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_owned();
-                    at(
-                        line,
-                        column,
-                        hpath,
-                        format!("invalid regex '{re}': {first}"),
-                    );
+                if let Err(e) = rules::header_regex(re) {
+                    at(line, column, hpath, e);
                 }
             }
             HeaderMatchConfig::Prefix(p) if p.is_empty() => {
@@ -385,37 +366,19 @@ fn check_plan(
                         unknown_target(name, targets),
                     );
                 }
-                if w.value <= 0 || w.value > 1_000_000 {
-                    at(
-                        w.line,
-                        w.column,
-                        wpath,
-                        format!(
-                            "weight must be between 1 and 1000000, got {}; remove the target to send it nothing",
-                            w.value
-                        ),
-                    );
+                if let Err(e) = rules::weight(w.value) {
+                    at(w.line, w.column, wpath, e);
                 }
             }
-            if let Some(sticky) = &split.sticky {
-                match sticky.value.strip_prefix("header:") {
-                    Some(h) if valid_header_name(h) => {}
-                    Some(h) => at(
-                        sticky.line,
-                        sticky.column,
-                        format!("{path}.split.sticky"),
-                        format!("'{h}' is not a valid HTTP header name"),
-                    ),
-                    None => at(
-                        sticky.line,
-                        sticky.column,
-                        format!("{path}.split.sticky"),
-                        format!(
-                            "'{}' is not a sticky key: expected header:NAME, like header:x-user-id",
-                            sticky.value
-                        ),
-                    ),
-                }
+            if let Some(sticky) = &split.sticky
+                && let Err(e) = rules::sticky_header(&sticky.value)
+            {
+                at(
+                    sticky.line,
+                    sticky.column,
+                    format!("{path}.split.sticky"),
+                    e,
+                );
             }
         }
         PlanConfig::Cascade(stages) => {
@@ -447,21 +410,8 @@ fn check_plan(
                         "the last stage always answers: remove its accept test".into(),
                     ),
                     (Some(a), false) => {
-                        let test = &a.value;
-                        match (test.max_probability, test.margin) {
-                            (Some(x), None) | (None, Some(x)) if x > 0.0 && x <= 1.0 => {}
-                            (Some(x), None) | (None, Some(x)) => at(
-                                a.line,
-                                a.column,
-                                format!("{spath}.accept"),
-                                format!("the threshold must be above 0 and at most 1, got {x}"),
-                            ),
-                            _ => at(
-                                a.line,
-                                a.column,
-                                format!("{spath}.accept"),
-                                "give exactly one of max_probability or margin".into(),
-                            ),
+                        if let Err(e) = rules::accept(a.value.max_probability, a.value.margin) {
+                            at(a.line, a.column, format!("{spath}.accept"), e);
                         }
                     }
                     (None, true) => {}
@@ -667,11 +617,6 @@ pub(crate) fn valid_release(s: &str) -> bool {
 }
 
 /// An RFC 9110 token.
-pub(crate) fn valid_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
 
 #[cfg(test)]
 mod tests {
@@ -692,9 +637,9 @@ mod tests {
                 && !valid_route_name("")
         );
         assert!(
-            valid_header_name("x-user-id")
-                && !valid_header_name("x user")
-                && !valid_header_name("")
+            rules::valid_header_name("x-user-id")
+                && !rules::valid_header_name("x user")
+                && !rules::valid_header_name("")
         );
     }
 }

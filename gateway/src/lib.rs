@@ -189,7 +189,10 @@ impl Gateway {
         let upstreams = Arc::new(Upstreams::new(&config, metrics.clone())?);
         let policies = load_policies(&config.policies, &config).map_err(StartError::Policies)?;
         let kept = snapshot::Kept::default();
-        let snapshot = Snapshot::build(1, &policies, &config, &upstreams, &metrics, &kept);
+        let table = routing::compile(&policies, &config)
+            .map_err(|e| StartError::Policies(e.diagnostics()))?;
+        let snapshot = Snapshot::build(1, &table, &upstreams, &metrics, &kept)
+            .map_err(|e| StartError::Policies(e.diagnostics()))?;
         metrics.policy_version.set(1);
         let from_env = config
             .admin

@@ -47,33 +47,27 @@ impl Shared {
                 });
         // Ensemble members whose models' metadata disagree on an output are rejected now
         // rather than failing every request later.
-        let loaded = match loaded {
-            Ok(policies) => {
-                let problems = check_ensemble_outputs(
-                    &self.upstreams,
-                    &routing::compile(&policies, &self.config),
-                )
-                .await;
+        let compiled = loaded.and_then(|policies| {
+            routing::compile(&policies, &self.config).map_err(|e| e.diagnostics())
+        });
+        let checked = match compiled {
+            Ok(table) => {
+                let problems = check_ensemble_outputs(&self.upstreams, &table).await;
                 if problems.is_empty() {
-                    Ok(policies)
+                    Ok(table)
                 } else {
                     Err(Diagnostics(problems))
                 }
             }
             Err(d) => Err(d),
         };
-        let result = loaded.map(|policies| {
+        let result = checked.and_then(|table| {
             let version = self.next_version.fetch_add(1, Ordering::AcqRel);
-            let snapshot = Snapshot::build(
-                version,
-                &policies,
-                &self.config,
-                &self.upstreams,
-                &self.metrics,
-                &self.kept,
-            );
+            let snapshot =
+                Snapshot::build(version, &table, &self.upstreams, &self.metrics, &self.kept)
+                    .map_err(|e| e.diagnostics())?;
             self.snapshot.store(Arc::new(snapshot));
-            version
+            Ok(version)
         });
         match &result {
             Ok(version) => {

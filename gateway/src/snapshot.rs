@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::HeaderValue;
-use switchyard_config::{GatewayConfig, PolicySet};
 
 use std::sync::atomic::AtomicU32;
 
 use parking_lot::Mutex;
 
 use crate::metrics::{EnsembleMetrics, Metrics, RouteMetrics, TargetMetrics};
-use crate::routing::{self, CacheSpec, Plan, PlanId, Route, TargetId};
+use crate::routing::{
+    CacheSpec, CompileError, InvalidRoute, Plan, PlanId, Route, RoutingTable, TargetId,
+};
 use crate::strategy::CascadeStats;
 use crate::strategy::cache::RouteCache;
 use crate::strategy::shadow::ShadowStats;
@@ -123,41 +124,46 @@ fn header(s: &str) -> HeaderValue {
 }
 
 impl Snapshot {
-    /// Builds a snapshot; targets reuse the breakers and readiness they had before.
+    /// Builds a snapshot of compiled routes; targets reuse the breakers and readiness they
+    /// had before. A route naming a pool that gateway.yaml lacks is refused whole.
     pub(crate) fn build(
         version: u64,
-        policies: &PolicySet,
-        config: &GatewayConfig,
+        table: &RoutingTable,
         upstreams: &Upstreams,
         metrics: &Metrics,
         kept: &Kept,
-    ) -> Self {
-        let table = routing::compile(policies, config);
+    ) -> Result<Self, InvalidRoute> {
         let mut routes = HashMap::new();
         let mut used = Vec::new();
         for route in table.routes() {
             let targets = route
                 .targets
                 .iter()
-                .filter_map(|t| {
-                    // Invariant: validation checked that every backend exists.
-                    let pool = upstreams.pool(&t.backend)?.clone();
+                .map(|t| {
+                    let pool = upstreams
+                        .pool(&t.backend)
+                        .ok_or_else(|| InvalidRoute {
+                            file: route.file.to_string(),
+                            route: route.name.to_string(),
+                            error: CompileError::Invalid {
+                                field: format!("targets.{}.backend", t.name),
+                                reason: format!("gateway.yaml has no backend pool '{}'", t.backend),
+                            },
+                        })?
+                        .clone();
                     let state = upstreams.target(TargetKey {
                         backend: t.backend.clone(),
                         model: t.model.clone(),
                         version: t.version.clone(),
                     });
-                    Some(TargetEntry {
+                    Ok(TargetEntry {
                         state,
                         pool,
                         label_header: header(&t.label),
                         metrics: metrics.target(&route.name, &t.label),
                     })
                 })
-                .collect::<Box<[_]>>();
-            if targets.len() != route.targets.len() {
-                continue;
-            }
+                .collect::<Result<Box<[_]>, _>>()?;
             let plans = route
                 .plans
                 .iter()
@@ -238,7 +244,7 @@ impl Snapshot {
             .lock()
             .retain(|identity, _| used.contains(identity));
         let route_list = table.names().join(", ");
-        Self {
+        Ok(Self {
             version,
             version_header: header(&version.to_string()),
             routes,
@@ -248,11 +254,12 @@ impl Snapshot {
                 route_list
             },
             loaded_at: SystemTime::now(),
-            files: policies
-                .files
-                .iter()
-                .map(|f| f.file.display().to_string())
-                .collect(),
-        }
+            files: {
+                let mut files: Vec<String> = table.routes().map(|r| r.file.to_string()).collect();
+                files.sort();
+                files.dedup();
+                files
+            },
+        })
     }
 }

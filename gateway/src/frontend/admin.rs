@@ -90,7 +90,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
                 rows.push(json!({
                     "route": &*entry.route.name,
                     "shadow": &*spec.name,
-                    "percent": spec.threshold as f64 / 4_294_967_296.0 * 100.0,
+                    "percent": switchyard_config::rules::threshold_percent(spec.threshold),
                     "compared": compared,
                     "agreed": agreed,
                     "agreement_rate": if compared == 0 { None } else { Some(agreed as f64 / compared as f64) },

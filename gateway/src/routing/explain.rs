@@ -67,7 +67,7 @@ pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> Strin
         }
     }
     if let Some(sh) = &route.shadow {
-        let percent = sh.threshold as f64 / 4_294_967_296.0 * 100.0;
+        let percent = switchyard_config::rules::threshold_percent(sh.threshold);
         let _ = writeln!(
             out,
             "shadow: {percent:.0}% of requests are copied to {} (at most {} in flight); answers compared, never returned",

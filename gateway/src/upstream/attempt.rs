@@ -648,14 +648,8 @@ mod tests {
             .unwrap_or_else(|d| panic!("{d}"));
         let metrics = Metrics::new();
         let upstreams = Upstreams::new(&config, metrics.clone()).unwrap();
-        let snapshot = Snapshot::build(
-            1,
-            &policies,
-            &config,
-            &upstreams,
-            &metrics,
-            &Kept::default(),
-        );
+        let table = crate::routing::compile(&policies, &config).unwrap();
+        let snapshot = Snapshot::build(1, &table, &upstreams, &metrics, &Kept::default()).unwrap();
         let entry = snapshot.routes.get("r").expect("route r").clone();
         (entry, RetryBudget::new(20, 10))
     }
