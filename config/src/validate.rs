@@ -616,8 +616,6 @@ pub(crate) fn valid_release(s: &str) -> bool {
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// An RFC 9110 token.
-
 #[cfg(test)]
 mod tests {
     use super::*;

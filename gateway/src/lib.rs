@@ -38,7 +38,7 @@ mod upstream;
 use std::future::Future;
 use std::os::fd::IntoRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -56,7 +56,8 @@ use snapshot::Snapshot;
 use upstream::Upstreams;
 use upstream::budget::RetryBudget;
 
-/// State shared by every request and background task.
+/// State shared by every request and background task: first what a request needs, then
+/// what only reloads and the admin API use.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: GatewayConfig,
@@ -64,13 +65,12 @@ pub(crate) struct Shared {
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) budget: RetryBudget,
     pub(crate) metrics: Metrics,
-    pub(crate) admin_token: Option<String>,
     pub(crate) ready: AtomicBool,
-    pub(crate) next_version: AtomicU64,
-    pub(crate) reload_lock: tokio::sync::Mutex<()>,
-    pub(crate) last_reload: ArcSwap<Option<reload::ReloadStatus>>,
-    /// Strategy state that outlives snapshots (caches, shadow bounds).
-    pub(crate) kept: snapshot::Kept,
+    /// Reload's own state: versions, the one-at-a-time lock, the last outcome, what
+    /// outlives snapshots.
+    pub(crate) reloads: reload::Reloads,
+    /// The admin API's bearer token (none: `POST /admin/reload` is refused).
+    pub(crate) admin_token: Option<String>,
 }
 impl Shared {
     pub(crate) fn is_ready(&self) -> bool {
@@ -218,10 +218,7 @@ impl Gateway {
             metrics,
             admin_token,
             ready: AtomicBool::new(true),
-            next_version: AtomicU64::new(2),
-            reload_lock: tokio::sync::Mutex::new(()),
-            last_reload: ArcSwap::from_pointee(None),
-            kept,
+            reloads: reload::Reloads::new(kept),
             config,
         };
         Ok(Self {

@@ -11,7 +11,8 @@ use pingora_core::{Error, ErrorType, Result};
 use pingora_proxy::{ProxyHttp, Session};
 
 use crate::Shared;
-use crate::frontend::{admin, grpc, rest};
+use crate::frontend::{RequestCtx, admin, grpc, rest};
+use crate::metrics::Protocol;
 
 /// Which frontend a listener runs.
 #[derive(Debug, Clone, Copy)]
@@ -30,20 +31,33 @@ pub(crate) struct Frontend {
 
 #[async_trait]
 impl ProxyHttp for Frontend {
-    type CTX = ();
+    type CTX = RequestCtx;
 
-    fn new_ctx(&self) {}
+    /// A request arrives: its start, snapshot, reply headers and in-flight guard.
+    fn new_ctx(&self) -> RequestCtx {
+        let protocol = match self.port {
+            Port::Grpc => Some(Protocol::Grpc),
+            Port::Rest => Some(Protocol::Rest),
+            Port::Admin => None,
+        };
+        RequestCtx::new(&self.shared, protocol)
+    }
 
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+    /// The whole request: decode, route, run, reply (see `frontend::models::infer`).
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match self.port {
-            Port::Grpc => grpc::serve(&self.shared, session).await,
-            Port::Rest => rest::serve(&self.shared, session).await,
-            Port::Admin => admin::serve(&self.shared, session).await,
+            Port::Grpc => grpc::serve(&self.shared, session, ctx).await,
+            Port::Rest => rest::serve(&self.shared, session, ctx).await,
+            Port::Admin => admin::serve(&self.shared, session, ctx).await,
         }
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         // Invariant: request_filter always answers, so pingora never asks for a peer.
         Error::e_explain(
             ErrorType::InternalError,

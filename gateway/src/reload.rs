@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 use std::time::SystemTime;
 
 use notify_debouncer_full::notify::RecursiveMode;
@@ -16,7 +18,7 @@ use tracing::{info, warn};
 use crate::Shared;
 use crate::grpc::MODEL_METADATA;
 use crate::routing::{self, Plan, RoutingTable, TargetId};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Kept, Snapshot};
 use crate::upstream::Upstreams;
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 
@@ -30,11 +32,35 @@ pub(crate) struct ReloadStatus {
     pub(crate) errors: Vec<String>,
 }
 
+/// What reloads keep between them.
+#[derive(Debug)]
+pub(crate) struct Reloads {
+    /// The version the next successful reload gets (start-up loaded version 1).
+    next_version: AtomicU64,
+    /// One reload at a time (file events, SIGHUP and the admin API may race).
+    lock: tokio::sync::Mutex<()>,
+    /// The last attempt's outcome, for `GET /admin/policy`.
+    pub(crate) last: ArcSwap<Option<ReloadStatus>>,
+    /// Strategy state that outlives snapshots (caches, shadow bounds).
+    kept: Kept,
+}
+
+impl Reloads {
+    pub(crate) fn new(kept: Kept) -> Self {
+        Self {
+            next_version: AtomicU64::new(2),
+            lock: tokio::sync::Mutex::new(()),
+            last: ArcSwap::from_pointee(None),
+            kept,
+        }
+    }
+}
+
 impl Shared {
     /// Reloads the policy folder. On success the new snapshot serves every request that
     /// starts from now on; on failure nothing changes.
     pub(crate) async fn reload(self: &Arc<Self>, trigger: &str) -> Result<u64, Diagnostics> {
-        let _one_at_a_time = self.reload_lock.lock().await;
+        let _one_at_a_time = self.reloads.lock.lock().await;
         let this = self.clone();
         let loaded =
             tokio::task::spawn_blocking(move || load_policies(&this.config.policies, &this.config))
@@ -62,10 +88,15 @@ impl Shared {
             Err(d) => Err(d),
         };
         let result = checked.and_then(|table| {
-            let version = self.next_version.fetch_add(1, Ordering::AcqRel);
-            let snapshot =
-                Snapshot::build(version, &table, &self.upstreams, &self.metrics, &self.kept)
-                    .map_err(|e| e.diagnostics())?;
+            let version = self.reloads.next_version.fetch_add(1, Ordering::AcqRel);
+            let snapshot = Snapshot::build(
+                version,
+                &table,
+                &self.upstreams,
+                &self.metrics,
+                &self.reloads.kept,
+            )
+            .map_err(|e| e.diagnostics())?;
             self.snapshot.store(Arc::new(snapshot));
             Ok(version)
         });
@@ -83,7 +114,7 @@ impl Shared {
                 }
             }
         }
-        self.last_reload.store(Arc::new(Some(ReloadStatus {
+        self.reloads.last.store(Arc::new(Some(ReloadStatus {
             at: SystemTime::now(),
             trigger: trigger.to_owned(),
             version: result.as_ref().ok().copied(),

@@ -9,18 +9,15 @@ use bytes::Bytes;
 use pingora_proxy::Session;
 use serde_json::json;
 
-use super::{Said, respond};
+use super::{RequestCtx, respond};
 use crate::Shared;
 
 /// Serves one admin request.
-pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
+pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut RequestCtx) {
     let method = session.req_header().method.clone();
     let path = session.req_header().uri.path().to_owned();
-    let snapshot = shared.snapshot.load_full();
-    let said = Said {
-        policy: Some(snapshot.version_header.clone()),
-        ..Default::default()
-    };
+    let snapshot = &ctx.snapshot;
+    let said = &ctx.reply;
     let json_reply = |status: u16, v: serde_json::Value| {
         (status, "application/json", Bytes::from(v.to_string()))
     };
@@ -36,7 +33,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
             json_reply(if ready { 200 } else { 503 }, json!({ "ready": ready }))
         }
         ("GET", "/admin/policy") => {
-            let last = shared.last_reload.load();
+            let last = shared.reloads.last.load();
             let last = last.as_ref().as_ref().map(|r| {
                 json!({
                     "at": r.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -143,7 +140,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
             json!({ "error": format!("no admin endpoint {method} {path}") }),
         ),
     };
-    respond(session, status, content_type, &said, &[], body).await;
+    respond(session, status, content_type, said, &[], body).await;
 }
 
 /// Compares tokens without an early exit, so timing says nothing about the token.

@@ -16,7 +16,7 @@ use switchyard_proto::inference::{
 };
 use tokio::time::Instant;
 
-use super::{Said, models, read_body};
+use super::{ReplyHeaders, RequestCtx, models, read_body};
 use crate::Shared;
 use crate::error::GatewayError;
 use crate::grpc::SERVICE;
@@ -29,25 +29,19 @@ use crate::snapshot::Snapshot;
 const PROTOCOL: Protocol = Protocol::Grpc;
 
 /// Serves one gRPC request to completion.
-pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
-    let start = Instant::now();
-    let snapshot = shared.snapshot.load_full();
-    let mut said = Said {
-        policy: Some(snapshot.version_header.clone()),
-        ..Default::default()
-    };
-    let _in_flight = shared.in_flight(PROTOCOL);
+pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut RequestCtx) {
+    let (start, snapshot, said) = (ctx.start, &ctx.snapshot, &mut ctx.reply);
     if !session.is_http2() {
         let body = Bytes::from_static(
             b"this port speaks gRPC: HTTP/2 with prior knowledge (h2c); use port 8000 for REST\n",
         );
-        super::respond(session, 426, "text/plain", &said, &[], body).await;
+        super::respond(session, 426, "text/plain", said, &[], body).await;
         return;
     }
-    let result = handle(shared, &snapshot, session, start, &mut said).await;
+    let result = handle(shared, snapshot, session, start, said).await;
     match result {
-        Ok(message) => write_ok(session, &said, message).await,
-        Err(e) => write_error(session, &said, &e).await,
+        Ok(message) => write_ok(session, said, message).await,
+        Err(e) => write_error(session, said, &e).await,
     }
 }
 
@@ -56,7 +50,7 @@ async fn handle(
     snapshot: &Arc<Snapshot>,
     session: &mut Session,
     start: Instant,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<Bytes, GatewayError> {
     let path = session.req_header().uri.path().to_owned();
     let Some(method) = path.strip_prefix(SERVICE) else {
@@ -135,7 +129,7 @@ fn encode(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
 
-fn response_header(said: &Said) -> Option<ResponseHeader> {
+fn response_header(said: &ReplyHeaders) -> Option<ResponseHeader> {
     let mut resp = ResponseHeader::build(200, Some(5)).ok()?;
     resp.insert_header("content-type", "application/grpc")
         .ok()?;
@@ -143,7 +137,7 @@ fn response_header(said: &Said) -> Option<ResponseHeader> {
     Some(resp)
 }
 
-async fn write_ok(session: &mut Session, said: &Said, message: Bytes) {
+async fn write_ok(session: &mut Session, said: &ReplyHeaders, message: Bytes) {
     let Some(resp) = response_header(said) else {
         return;
     };
@@ -187,7 +181,7 @@ async fn write_ok(session: &mut Session, said: &Said, message: Bytes) {
     let _ = session.write_response_trailers(trailers).await;
 }
 
-async fn write_error(session: &mut Session, said: &Said, error: &GatewayError) {
+async fn write_error(session: &mut Session, said: &ReplyHeaders, error: &GatewayError) {
     let rescued = error.rescue();
     let Some(resp) = response_header(said) else {
         return;

@@ -12,11 +12,46 @@ use http::HeaderValue;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
 use crate::error::GatewayError;
+use crate::metrics::Protocol;
+use crate::snapshot::Snapshot;
+use crate::{InFlight, Shared};
+
+/// What one request carries from pingora's `new_ctx` to its last byte: when it arrived,
+/// the one policy snapshot it sees, the headers its reply will say what happened in, and
+/// its place in `switchyard_requests_in_flight`.
+#[derive(Debug)]
+pub(crate) struct RequestCtx {
+    pub(crate) start: Instant,
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) reply: ReplyHeaders,
+    _in_flight: Option<InFlight>,
+}
+
+impl RequestCtx {
+    /// A request arriving now on a port of `protocol` (`None`: the admin port, which is
+    /// not counted in flight).
+    pub(crate) fn new(shared: &Shared, protocol: Option<Protocol>) -> Self {
+        let snapshot = shared.snapshot.load_full();
+        Self {
+            start: Instant::now(),
+            reply: ReplyHeaders {
+                policy: Some(snapshot.version_header.clone()),
+                ..ReplyHeaders::default()
+            },
+            snapshot,
+            _in_flight: protocol.map(|p| shared.in_flight(p)),
+        }
+    }
+}
 
 /// Response headers that say what the gateway did.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Said {
+pub(crate) struct ReplyHeaders {
     pub(crate) route: Option<HeaderValue>,
     pub(crate) target: Option<HeaderValue>,
     pub(crate) policy: Option<HeaderValue>,
@@ -29,7 +64,7 @@ pub(crate) struct Said {
     /// `x-switchyard-shadow`: whether a shadow copy was sent or dropped.
     pub(crate) shadow: Option<&'static str>,
 }
-impl Said {
+impl ReplyHeaders {
     pub(crate) fn apply(&self, resp: &mut ResponseHeader) {
         for (name, value) in [
             ("x-switchyard-route", &self.route),
@@ -103,7 +138,7 @@ pub(crate) async fn respond(
     session: &mut Session,
     status: u16,
     content_type: &str,
-    said: &Said,
+    said: &ReplyHeaders,
     extra: &[(&str, String)],
     body: Bytes,
 ) {

@@ -15,20 +15,19 @@ use switchyard_proto::inference::{
 };
 use tokio::time::Instant;
 
-use super::Said;
+use super::ReplyHeaders;
 use crate::Shared;
 use crate::error::GatewayError;
-use crate::execute::{self, Executor, ShadowCopy};
 use crate::error::Outcome;
+use crate::execute::{self, Executor, ShadowCopy};
+use crate::grpc::infer::InferMessage;
+use crate::grpc::{MODEL_CONFIG, MODEL_METADATA, MODEL_READY, MODEL_STATISTICS};
 use crate::metrics::Protocol;
 use crate::routing::{Decision, PlanId, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{Answer, AnsweredBy, cache, shadow};
-use crate::upstream::attempt::{Deadline, Failure};
-use crate::grpc::infer::InferMessage;
-use crate::grpc::{MODEL_CONFIG, MODEL_METADATA, MODEL_READY, MODEL_STATISTICS};
 use crate::upstream::ControlError;
-
+use crate::upstream::attempt::{Deadline, Failure};
 
 /// Budget for metadata-style calls.
 const CONTROL_BUDGET: Duration = Duration::from_secs(5);
@@ -64,7 +63,7 @@ pub(crate) async fn infer(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
     request: Inference<'_>,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<Bytes, GatewayError> {
     let Inference {
         headers,
@@ -131,7 +130,7 @@ fn start_shadow(
     exec: &Executor<'_>,
     owners: (&Arc<Shared>, &Arc<Snapshot>, &Arc<RouteEntry>),
     decision: &Decision,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Option<shadow::PrimaryReport> {
     let entry = exec.entry;
     match (&entry.route.shadow, &entry.shadow) {
@@ -163,7 +162,7 @@ async fn cached(
     exec: &Executor<'_>,
     cache: &cache::RouteCache,
     decision: &Decision,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<Answer, Failure> {
     let control = cache::Control::from_header(
         exec.headers
@@ -215,7 +214,7 @@ fn finish(
     protocol: Protocol,
     start: Instant,
     result: &Result<Answer, Failure>,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) {
     let seconds = start.elapsed().as_secs_f64();
     let plan_metrics = |p: PlanId| {
@@ -305,7 +304,7 @@ pub(crate) async fn ready(
     snapshot: &Snapshot,
     name: &str,
     version: &str,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> bool {
     let Ok(entry) = route(snapshot, name) else {
         return false;
@@ -322,14 +321,19 @@ pub(crate) async fn ready(
     matches!(control::<_, ModelReadyResponse>(shared, entry, t, MODEL_READY, &req).await, Ok(r) if r.ready)
 }
 
-/// The route's metadata: its face target's, under the route's name, with the versions a
-/// client may pin (releases, else Triton versions).
+/// The route's metadata: its face target's, under the route's name.
+///
+/// `versions` follows Triton: the version numbers a client may ask for, each once, in
+/// ascending order: those of the route's targets (an unversioned face target: the newest
+/// version its backend reports). A release label pins a target (`model_version:
+/// v1.1.0`) but is no version: clients parse `versions` as integers (perf_analyzer
+/// aborts with `stoll` on `v1.0.0`).
 pub(crate) async fn metadata(
     shared: &Shared,
     snapshot: &Snapshot,
     name: &str,
     version: &str,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<ModelMetadataResponse, GatewayError> {
     let entry = route(snapshot, name)?;
     said.route = Some(entry.name_header.clone());
@@ -342,24 +346,33 @@ pub(crate) async fn metadata(
     };
     let mut meta: ModelMetadataResponse = control(shared, entry, t, MODEL_METADATA, &req).await?;
     meta.name = entry.route.name.to_string();
-    let mut versions: Vec<String> = Vec::new();
-    for target in entry.route.targets.iter() {
-        let v = target.release.as_deref().unwrap_or(&target.version);
-        if !v.is_empty() && !versions.iter().any(|x| x == v) {
-            versions.push(v.to_owned());
-        }
-    }
-    meta.versions = versions;
+    let backend_newest = meta.versions.iter().filter_map(|v| v.parse().ok()).max();
+    let mut versions: Vec<u64> = entry
+        .route
+        .targets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, target)| match target.version.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) if TargetId(i as u16) == t => backend_newest,
+            Err(_) => None,
+        })
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    meta.versions = versions.iter().map(u64::to_string).collect();
     Ok(meta)
 }
 
-/// The route's model config: its face target's, under the route's name.
+/// The route's model config: its face target's, under the route's name. A route with a
+/// response cache says so (`response_cache { enable: true }`), as a Triton model whose
+/// responses are cached does.
 pub(crate) async fn config(
     shared: &Shared,
     snapshot: &Snapshot,
     name: &str,
     version: &str,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<ModelConfigResponse, GatewayError> {
     let entry = route(snapshot, name)?;
     said.route = Some(entry.name_header.clone());
@@ -373,18 +386,47 @@ pub(crate) async fn config(
     let mut resp: ModelConfigResponse = control(shared, entry, t, MODEL_CONFIG, &req).await?;
     if let Some(c) = resp.config.as_mut() {
         c.name = entry.route.name.to_string();
+        if entry.cache.is_some() {
+            c.response_cache =
+                Some(switchyard_proto::inference::ModelResponseCache { enable: true });
+        }
     }
     Ok(resp)
 }
 
-/// Statistics of every target of the route (or of every route when `name` is empty),
-/// each entry named after the route and versioned by the target's release or version.
+/// Statistics of the route (of every route when `name` is empty) as Triton reports a
+/// model's: one entry per version number, named after the route.
+///
+/// `version` selects as a pin does: empty, every version; a release label, its target
+/// alone (reported under that target's version number: a label is no version); a number,
+/// the targets with that number. A named route with no such version is NOT_FOUND.
+///
+/// Several targets of a route may share a version number (`digits` runs digits_mlp/1 and
+/// digits_linear/1). Their statistics are summed into the one entry of that number rather
+/// than listed side by side: clients key statistics by (name, version). perf_analyzer
+/// keeps them in a map (a second equal key is dropped silently), takes the version whose
+/// queue count grew during a measurement window (with `stoll` on `version`), then reads
+/// that one entry; two `(digits, "1")` entries would hide one target's traffic, and an
+/// entry per target under its label would abort it. Sums keep what it checks: the
+/// compute_input, compute_infer and compute_output counts of an entry stay equal. A
+/// backend model version that two targets name is counted once.
+///
+/// A route's cache answers without a backend call, so its hits are added as Triton counts
+/// its own cache hits (success and queue counts, cache_hit; not inference_count,
+/// execution_count or compute), to the entry of the route's representative target, whose
+/// plan the cache answers for in the common case of a single-target route. Without them a
+/// cached route that answers from memory shows no traffic, and perf_analyzer stops with
+/// "failed to find the requested model version". The gateway keeps no hit durations: their
+/// `ns` stay 0.
 pub(crate) async fn statistics(
     shared: &Shared,
     snapshot: &Snapshot,
     name: &str,
     version: &str,
 ) -> Result<ModelStatisticsResponse, GatewayError> {
+    use std::collections::BTreeMap;
+    use switchyard_proto::inference::ModelStatistics;
+
     let entries: Vec<&std::sync::Arc<RouteEntry>> = if name.is_empty() {
         let mut all: Vec<_> = snapshot.routes.values().collect();
         all.sort_by(|a, b| a.route.name.cmp(&b.route.name));
@@ -394,25 +436,219 @@ pub(crate) async fn statistics(
     };
     let mut out = ModelStatisticsResponse::default();
     for entry in entries {
-        for (i, spec) in entry.route.targets.iter().enumerate() {
-            let label = spec.release.as_deref().unwrap_or(&spec.version);
-            if !version.is_empty() && version != label && version != &*spec.version {
+        let targets = &entry.route.targets;
+        let chosen: Vec<TargetId> = if version.is_empty() {
+            (0..targets.len()).map(|i| TargetId(i as u16)).collect()
+        } else if let Some(i) = targets
+            .iter()
+            .position(|t| t.release.as_deref() == Some(version))
+        {
+            vec![TargetId(i as u16)]
+        } else {
+            (0..targets.len())
+                .filter(|&i| &*targets[i].version == version)
+                .map(|i| TargetId(i as u16))
+                .collect()
+        };
+        if chosen.is_empty() {
+            if name.is_empty() {
                 continue;
             }
-            let req = ModelStatisticsRequest {
-                name: spec.model.to_string(),
-                version: spec.version.to_string(),
-            };
-            let resp: ModelStatisticsResponse =
-                control(shared, entry, TargetId(i as u16), MODEL_STATISTICS, &req).await?;
-            for mut s in resp.model_stats {
-                s.name = entry.route.name.to_string();
-                if !label.is_empty() {
-                    s.version = label.to_owned();
-                }
-                out.model_stats.push(s);
+            return Err(crate::routing::RouteError::UnknownVersion {
+                route: entry.route.name.clone(),
+                version: version.to_owned(),
             }
+            .into());
+        }
+        let mut by_version: BTreeMap<u64, ModelStatistics> = BTreeMap::new();
+        // Each backend model version (pool, model, version) once, with the version number
+        // it resolved to.
+        type Asked<'a> = ((&'a str, &'a str, &'a str), Option<u64>);
+        let mut asked: Vec<Asked<'_>> = Vec::new();
+        let face = entry.route.default_target();
+        let mut face_version = None;
+        for &t in &chosen {
+            let spec = entry.route.target(t);
+            let which = (&*spec.backend, &*spec.model, &*spec.version);
+            let number = match asked.iter().find(|(w, _)| *w == which) {
+                Some((_, n)) => *n,
+                None => {
+                    let req = ModelStatisticsRequest {
+                        name: spec.model.to_string(),
+                        version: spec.version.to_string(),
+                    };
+                    let resp: ModelStatisticsResponse =
+                        control(shared, entry, t, MODEL_STATISTICS, &req).await?;
+                    let mut stats: Vec<(u64, ModelStatistics)> = resp
+                        .model_stats
+                        .into_iter()
+                        .filter_map(|s| Some((s.version.parse::<u64>().ok()?, s)))
+                        .collect();
+                    // An unversioned target runs the backend's newest version.
+                    if spec.version.is_empty() {
+                        stats.sort_by_key(|(n, _)| *n);
+                        stats.drain(..stats.len().saturating_sub(1));
+                    }
+                    let n = spec
+                        .version
+                        .parse()
+                        .ok()
+                        .or_else(|| stats.last().map(|(n, _)| *n));
+                    for (n, s) in stats {
+                        add_statistics(by_version.entry(n).or_default(), s);
+                    }
+                    asked.push((which, n));
+                    n
+                }
+            };
+            if t == face {
+                face_version = number;
+            }
+        }
+        if let (Some(_), Some(n)) = (&entry.cache, face_version) {
+            let counters = shared.metrics.cache(&entry.route.name);
+            let hits = counters.hits.get() + counters.coalesced.get();
+            let s = by_version.entry(n).or_default();
+            let i = s.inference_stats.get_or_insert_with(Default::default);
+            for (d, by) in [
+                (&mut i.success, hits),
+                (&mut i.queue, hits),
+                (&mut i.cache_hit, hits),
+                (&mut i.cache_miss, counters.misses.get()),
+            ] {
+                let d = d.get_or_insert_with(Default::default);
+                d.count = d.count.saturating_add(by);
+            }
+        }
+        for (n, mut s) in by_version {
+            s.name = entry.route.name.to_string();
+            s.version = n.to_string();
+            // Every duration present: HTTP clients index them without checking.
+            let i = s.inference_stats.get_or_insert_with(Default::default);
+            for d in [
+                &mut i.success,
+                &mut i.fail,
+                &mut i.queue,
+                &mut i.compute_input,
+                &mut i.compute_infer,
+                &mut i.compute_output,
+                &mut i.cache_hit,
+                &mut i.cache_miss,
+            ] {
+                d.get_or_insert_with(Default::default);
+            }
+            out.model_stats.push(s);
         }
     }
     Ok(out)
+}
+
+/// Adds one backend's statistics of a model version into a route's entry.
+fn add_statistics(
+    into: &mut switchyard_proto::inference::ModelStatistics,
+    s: switchyard_proto::inference::ModelStatistics,
+) {
+    use switchyard_proto::inference::StatisticDuration;
+    fn add(into: &mut Option<StatisticDuration>, d: Option<StatisticDuration>) {
+        if let Some(d) = d {
+            let into = into.get_or_insert_with(Default::default);
+            into.count = into.count.saturating_add(d.count);
+            into.ns = into.ns.saturating_add(d.ns);
+        }
+    }
+    into.last_inference = into.last_inference.max(s.last_inference);
+    into.inference_count = into.inference_count.saturating_add(s.inference_count);
+    into.execution_count = into.execution_count.saturating_add(s.execution_count);
+    if let Some(d) = s.inference_stats {
+        let i = into.inference_stats.get_or_insert_with(Default::default);
+        add(&mut i.success, d.success);
+        add(&mut i.fail, d.fail);
+        add(&mut i.queue, d.queue);
+        add(&mut i.compute_input, d.compute_input);
+        add(&mut i.compute_infer, d.compute_infer);
+        add(&mut i.compute_output, d.compute_output);
+        add(&mut i.cache_hit, d.cache_hit);
+        add(&mut i.cache_miss, d.cache_miss);
+    }
+    for b in s.batch_stats {
+        match into
+            .batch_stats
+            .iter_mut()
+            .find(|x| x.batch_size == b.batch_size)
+        {
+            Some(x) => {
+                add(&mut x.compute_input, b.compute_input);
+                add(&mut x.compute_infer, b.compute_infer);
+                add(&mut x.compute_output, b.compute_output);
+            }
+            None => into.batch_stats.push(b),
+        }
+    }
+    into.batch_stats.sort_by_key(|b| b.batch_size);
+    into.memory_usage.extend(s.memory_usage);
+    for (key, r) in s.response_stats {
+        let x = into.response_stats.entry(key).or_default();
+        add(&mut x.compute_infer, r.compute_infer);
+        add(&mut x.compute_output, r.compute_output);
+        add(&mut x.success, r.success);
+        add(&mut x.fail, r.fail);
+        add(&mut x.empty_response, r.empty_response);
+        add(&mut x.cancel, r.cancel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_proto::inference::{
+        InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration,
+    };
+
+    fn stats(n: u64, ns: u64) -> ModelStatistics {
+        let d = |count, ns| Some(StatisticDuration { count, ns });
+        ModelStatistics {
+            name: "backend-model".into(),
+            version: "1".into(),
+            last_inference: n,
+            inference_count: n,
+            execution_count: n,
+            inference_stats: Some(InferStatistics {
+                success: d(n, ns),
+                queue: d(n, ns),
+                compute_input: d(n, ns),
+                compute_infer: d(n, ns),
+                compute_output: d(n, ns),
+                ..Default::default()
+            }),
+            batch_stats: vec![InferBatchStatistics {
+                batch_size: 1,
+                compute_infer: d(n, ns),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn targets_sharing_a_version_number_sum_into_one_entry() {
+        let mut entry = ModelStatistics::default();
+        add_statistics(&mut entry, stats(3, 30));
+        add_statistics(&mut entry, stats(5, 7));
+        let i = entry.inference_stats.as_ref().unwrap();
+        let count = |d: &Option<StatisticDuration>| d.as_ref().unwrap().count;
+        assert_eq!((entry.inference_count, entry.last_inference), (8, 5));
+        assert_eq!(count(&i.queue), 8);
+        // What perf_analyzer checks: the compute counts of an entry agree.
+        assert_eq!(
+            (
+                count(&i.compute_input),
+                count(&i.compute_infer),
+                count(&i.compute_output)
+            ),
+            (8, 8, 8)
+        );
+        assert_eq!(i.success.as_ref().unwrap().ns, 37);
+        assert_eq!(entry.batch_stats.len(), 1);
+        assert_eq!(count(&entry.batch_stats[0].compute_infer), 8);
+    }
 }

@@ -11,12 +11,15 @@ use switchyard_proto::inference::{ModelInferRequest, ModelInferResponse};
 use switchyard_proto::prost_reflect;
 use tokio::time::Instant;
 
-use super::{Said, json::parse_request, json::render_response, models, read_body, respond};
+use super::{
+    ReplyHeaders, RequestCtx, json::parse_request, json::render_response, models, read_body,
+    respond,
+};
 use crate::Shared;
 use crate::error::GatewayError;
+use crate::grpc::infer::split_infer_request;
 use crate::metrics::Protocol;
 use crate::snapshot::Snapshot;
-use crate::grpc::infer::split_infer_request;
 
 const PROTOCOL: Protocol = Protocol::Rest;
 const JSON: &str = "application/json";
@@ -67,25 +70,19 @@ fn parse_path(path: &str) -> Option<Call<'_>> {
 }
 
 /// Serves one REST request to completion.
-pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session) {
-    let start = Instant::now();
-    let snapshot = shared.snapshot.load_full();
-    let mut said = Said {
-        policy: Some(snapshot.version_header.clone()),
-        ..Default::default()
-    };
-    let _in_flight = shared.in_flight(PROTOCOL);
-    match handle(shared, &snapshot, session, start, &mut said).await {
+pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut RequestCtx) {
+    let (start, snapshot, said) = (ctx.start, &ctx.snapshot, &mut ctx.reply);
+    match handle(shared, snapshot, session, start, said).await {
         Ok(Reply {
             status,
             content_type,
             extra,
             body,
-        }) => respond(session, status, content_type, &said, &extra, body).await,
+        }) => respond(session, status, content_type, said, &extra, body).await,
         Err(e) => {
             let r = e.rescue();
             let body = Bytes::from(json!({ "error": r.message }).to_string());
-            respond(session, r.http, JSON, &said, &[], body).await;
+            respond(session, r.http, JSON, said, &[], body).await;
         }
     }
 }
@@ -108,12 +105,16 @@ fn json_reply(v: &Value) -> Reply {
     }
 }
 
-/// Protobuf to Triton's JSON: proto field names, enums by name.
+/// Protobuf to Triton's JSON: proto field names, enums by name, 64-bit integers as JSON
+/// numbers (Triton's HTTP API writes counts and dims as numbers, not as proto3 JSON's
+/// strings; perf_analyzer reads statistics with rapidjson's `GetUint64`, which a string
+/// does not satisfy).
 fn proto_json(m: &impl ReflectMessage) -> Result<Bytes, GatewayError> {
     let dynamic: DynamicMessage = m.transcode_to_dynamic();
     let options = SerializeOptions::new()
         .use_proto_field_name(true)
-        .skip_default_fields(false);
+        .skip_default_fields(false)
+        .stringify_64_bit_integers(false);
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::new(&mut out);
     dynamic
@@ -130,7 +131,7 @@ async fn handle(
     snapshot: &Arc<Snapshot>,
     session: &mut Session,
     start: Instant,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<Reply, GatewayError> {
     let method = session.req_header().method.clone();
     let path = session.req_header().uri.path().to_owned();
@@ -241,7 +242,7 @@ async fn infer(
     route: &str,
     version: &str,
     start: Instant,
-    said: &mut Said,
+    said: &mut ReplyHeaders,
 ) -> Result<Reply, GatewayError> {
     let header_len = match session
         .req_header()
@@ -345,6 +346,22 @@ mod tests {
                 name: "digits",
                 version: "2",
                 what: ""
+            })
+        );
+        assert_eq!(
+            parse_path("/v2/models/digits/versions/1/stats"),
+            Some(Call::Model {
+                name: "digits",
+                version: "1",
+                what: "stats"
+            })
+        );
+        assert_eq!(
+            parse_path("/v2/models/digits/versions/1/config"),
+            Some(Call::Model {
+                name: "digits",
+                version: "1",
+                what: "config"
             })
         );
         assert_eq!(parse_path("/v2/models/digits/explode"), None);
