@@ -227,7 +227,8 @@ async fn metadata_config_and_health_answer_for_routes() {
         .unwrap()
         .into_inner();
     assert_eq!(meta.name, "digits");
-    assert_eq!(meta.versions, vec!["v1.0.0", "v1.1.0", "v0.1.0"]);
+    // Triton version numbers, each once: releases pin targets but are no versions.
+    assert_eq!(meta.versions, vec!["1", "2"]);
     assert_eq!(meta.inputs[0].shape, vec![-1, 64]);
     let config = client
         .model_config(ModelConfigRequest {
@@ -258,9 +259,21 @@ async fn metadata_config_and_health_answer_for_routes() {
             stats.model_stats[0].name.as_str(),
             stats.model_stats[0].version.as_str()
         ),
-        ("digits", "v1.0.0")
+        ("digits", "1")
     );
     assert!(stats.model_stats[0].inference_count >= 1);
+    // Every version: one entry per number (v1 and linear share version 1).
+    let all = client
+        .model_statistics(ModelStatisticsRequest {
+            name: "digits".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let versions: Vec<&str> = all.model_stats.iter().map(|s| s.version.as_str()).collect();
+    assert_eq!(versions, ["1", "2"]);
+    assert!(all.model_stats.iter().all(|s| s.name == "digits"));
 
     for (path, status) in [
         ("/v2/health/live", 200),
@@ -287,6 +300,24 @@ async fn metadata_config_and_health_answer_for_routes() {
         (Some("digits"), Some(64))
     );
     assert_eq!(config["input"][0]["data_type"], "TYPE_FP32");
+    // Triton's HTTP JSON: 64-bit integers as numbers, numeric versions in paths.
+    assert_eq!(config["input"][0]["dims"], serde_json::json!([64]));
+    let meta = http(gw.http, "GET", "/v2/models/digits/versions/2", &[], b"")
+        .await
+        .json();
+    assert_eq!(meta["versions"], serde_json::json!(["1", "2"]));
+    let stats = http(
+        gw.http,
+        "GET",
+        "/v2/models/digits/versions/1/stats",
+        &[],
+        b"",
+    )
+    .await
+    .json();
+    assert_eq!(stats["model_stats"][0]["version"], "1");
+    assert!(stats["model_stats"][0]["inference_count"].as_u64() >= Some(1));
+    assert!(stats["model_stats"][0]["inference_stats"]["queue"]["count"].is_u64());
     let server = http(gw.http, "GET", "/v2", &[], b"").await.json();
     assert_eq!(server["name"], "switchyard-gateway");
 }

@@ -12,31 +12,14 @@ use prost::Message;
 use switchyard_proto::inference::ModelInferResponse;
 use tonic::Code;
 
-/// The test gateway on two sample backend pools (and a pool nobody listens on, `dead`),
-/// with one policy file and extra gateway.yaml lines.
-struct Setup {
-    gw: TestGateway,
-    _pools: (TestBackend, TestBackend),
-}
-
-async fn start(policy: &str, extra: &str) -> Setup {
-    let (stable, canary) = pools().await;
-    // Port 1 on loopback refuses connections: a backend that is down.
-    let dead: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let gw = TestGateway::start(GatewaySetup {
-        backends: vec![
-            ("stable".into(), vec![stable.addr]),
-            ("canary".into(), vec![canary.addr]),
-            ("dead".into(), vec![dead]),
-        ],
-        policies: vec![("route.yaml".into(), policy.to_owned())],
-        extra: extra.to_owned(),
-    })
-    .await;
-    Setup {
-        gw,
-        _pools: (stable, canary),
-    }
+/// The test gateway on the sample pools (and `dead`, a pool nobody listens on), with one
+/// policy file and extra gateway.yaml lines.
+async fn start(policy: &str, extra: &str) -> DigitsGateway {
+    TestGateway::digits()
+        .policy("route.yaml", policy)
+        .extra(extra)
+        .start()
+        .await
 }
 
 fn sample_policy(name: &str) -> String {

@@ -137,6 +137,75 @@ impl TestGateway {
     }
 }
 
+/// A test gateway in front of two real backend pools on the sample repository, `stable`
+/// and `canary` (as `switchyard up` runs them), plus `dead`, a pool nobody listens on:
+/// `TestGateway::digits().policy("r.yaml", text).extra("breaker: {...}").start().await`.
+pub struct Digits {
+    policies: Vec<(String, String)>,
+    extra: String,
+}
+
+/// A started [`Digits`] gateway with the pools it owns.
+pub struct DigitsGateway {
+    pub gw: TestGateway,
+    pub stable: super::TestBackend,
+    pub canary: super::TestBackend,
+}
+
+impl std::ops::Deref for DigitsGateway {
+    type Target = TestGateway;
+    fn deref(&self) -> &TestGateway {
+        &self.gw
+    }
+}
+
+impl TestGateway {
+    /// A builder for a gateway on the sample pools.
+    pub fn digits() -> Digits {
+        Digits {
+            policies: Vec::new(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl Digits {
+    /// A policy file of the gateway's policy folder.
+    pub fn policy(mut self, file: &str, text: &str) -> Self {
+        self.policies.push((file.to_owned(), text.to_owned()));
+        self
+    }
+
+    /// A sample policy from `policies/`, under its own file name.
+    pub fn sample(self, file: &str) -> Self {
+        let text = std::fs::read_to_string(super::root().join("policies").join(file)).unwrap();
+        self.policy(file, &text)
+    }
+
+    /// Top-level gateway.yaml lines (limits, breaker, reload, ...).
+    pub fn extra(mut self, yaml: &str) -> Self {
+        self.extra.push_str(yaml);
+        self
+    }
+
+    pub async fn start(self) -> DigitsGateway {
+        let (stable, canary) = pools().await;
+        // Port 1 on loopback refuses connections: a backend that is down.
+        let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let gw = TestGateway::start(GatewaySetup {
+            backends: vec![
+                ("stable".into(), vec![stable.addr]),
+                ("canary".into(), vec![canary.addr]),
+                ("dead".into(), vec![dead]),
+            ],
+            policies: self.policies,
+            extra: self.extra,
+        })
+        .await;
+        DigitsGateway { gw, stable, canary }
+    }
+}
+
 impl Drop for TestGateway {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
