@@ -20,7 +20,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
 version=2.60.0
 suite=trixie
-mirror=${PERF_ANALYZER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian archive this machine's apt already uses (its first `debian` URI).
+system_mirror() {
+    { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+      grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{for (i = 2; i <= NF; i++) if ($i !~ /^\[/) { print $i; break }}'
+    } | grep -E '/debian/?$' | head -n 1 || true
+}
+mirror=${PERF_ANALYZER_DEBIAN_MIRROR:-$(system_mirror)}
+[ -n "$mirror" ] || { echo "install.sh: no Debian archive in /etc/apt; set PERF_ANALYZER_DEBIAN_MIRROR" >&2; exit 1; }
 packages=(libc6 libstdc++6 libgcc-s1 libssl3t64 zlib1g)
 dir=$(realpath -m "${PERF_ANALYZER_DIR:-$root/target/perf-analyzer}")
 stamp="$dir/.installed"
