@@ -82,12 +82,13 @@ pub(crate) async fn infer(
         }) {
         Ok(d) => d,
         Err(e) => {
-            let e = GatewayError::from(e);
-            entry
-                .metrics
-                .unrouted
-                .finish(protocol, e.outcome(), start.elapsed().as_secs_f64());
-            return Err(e);
+            let error = GatewayError::from(e);
+            let failure = Failure {
+                error: error.clone(),
+                target: None,
+            };
+            finish(entry, None, protocol, start, &Err(failure), said);
+            return Err(error);
         }
     };
     // The client's own deadline: its grpc-timeout or its Triton `timeout` parameter.
@@ -110,7 +111,7 @@ pub(crate) async fn infer(
         None => exec.decided(&decision).await,
         Some(cache) => cached(&exec, cache, &decision, said).await,
     };
-    finish(entry, &decision, protocol, start, &result, said);
+    finish(entry, Some(&decision), protocol, start, &result, said);
     match result {
         Ok(answer) => {
             if let Some(report) = report {
@@ -206,11 +207,12 @@ async fn cached(
     }
 }
 
-/// Writes what a request came to, once for every outcome: the request metrics of the
-/// target or plan that answered (or was last tried), the response headers, the trace line.
+/// Writes what a routed request came to, once for every outcome: the request metrics of
+/// the target or plan that answered (or was last tried, or `-` when routing refused it),
+/// the response headers, the trace line.
 fn finish(
     entry: &RouteEntry,
-    decision: &Decision,
+    decision: Option<&Decision>,
     protocol: Protocol,
     start: Instant,
     result: &Result<Answer, Failure>,
@@ -246,12 +248,13 @@ fn finish(
             tracing::debug!(route = %entry.route.name, target = %answer.label, ?decision, "inference");
         }
         Err(failure) => {
-            let metrics = match failure.target.or(decision.target) {
-                Some(t) => {
+            let metrics = match (failure.target.or(decision.and_then(|d| d.target)), decision) {
+                (Some(t), _) => {
                     said.target = Some(entry.target(t).label_header.clone());
                     &entry.target(t).metrics
                 }
-                None => plan_metrics(decision.plan),
+                (None, Some(d)) => plan_metrics(d.plan),
+                (None, None) => &entry.metrics.unrouted,
             };
             metrics.finish(protocol, failure.error.outcome(), seconds);
             tracing::debug!(route = %entry.route.name, error = %failure.error, "inference failed");
