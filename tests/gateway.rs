@@ -44,14 +44,12 @@ async fn grpc_infer(
     version: &str,
     headers: &[(&str, &str)],
 ) -> Result<tonic::Response<switchyard_proto::inference::ModelInferResponse>, tonic::Status> {
-    let mut req = tonic::Request::new(infer_request(route, version, &holdout().features[..1]));
-    for (k, v) in headers {
-        req.metadata_mut().insert(
-            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    client.model_infer(req).await
+    infer_with(
+        client,
+        infer_request(route, version, &holdout().features[..1]),
+        headers,
+    )
+    .await
 }
 
 fn target_of<T>(resp: &tonic::Response<T>) -> String {

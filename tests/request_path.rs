@@ -47,24 +47,9 @@ async fn grpc_infer_with(
 ) -> tonic::Response<ModelInferResponse> {
     let mut msg = infer_request(route, "", &one_row());
     msg.id = id.to_owned();
-    let mut req = tonic::Request::new(msg);
-    for (k, v) in headers {
-        req.metadata_mut().insert(
-            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    client
-        .model_infer(req)
+    infer_with(client, msg, headers)
         .await
         .unwrap_or_else(|s| panic!("{route}: {s:?}"))
-}
-
-fn header<T>(resp: &tonic::Response<T>, name: &str) -> String {
-    resp.metadata()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,14 +142,14 @@ async fn a_cached_answer_carries_the_callers_own_request_id() {
     let s = start(&sample_policy("digits-cached.yaml"), "").await;
     let mut client = s.gw.client().await;
     let first = grpc_infer_with(&mut client, "digits-cached", "first-caller", &[]).await;
-    assert_eq!(header(&first, "x-switchyard-cache"), "miss");
+    assert_eq!(header_of(&first, "x-switchyard-cache"), "miss");
     assert_eq!(first.get_ref().id, "first-caller");
     let second = grpc_infer_with(&mut client, "digits-cached", "second-caller", &[]).await;
-    assert_eq!(header(&second, "x-switchyard-cache"), "hit");
+    assert_eq!(header_of(&second, "x-switchyard-cache"), "hit");
     assert_eq!(second.get_ref().id, "second-caller");
     assert_eq!(second.get_ref().outputs, first.get_ref().outputs);
     let third = grpc_infer_with(&mut client, "digits-cached", "", &[]).await;
-    assert_eq!(header(&third, "x-switchyard-cache"), "hit");
+    assert_eq!(header_of(&third, "x-switchyard-cache"), "hit");
     assert_eq!(third.get_ref().id, "", "no id asked, none given");
 }
 
@@ -175,7 +160,7 @@ async fn a_comment_keeps_the_cache_and_a_changed_plan_frees_it() {
     let gw = &s.gw;
     let mut client = gw.client().await;
     let miss = grpc_infer_with(&mut client, "digits-cached", "", &[]).await;
-    assert_eq!(header(&miss, "x-switchyard-cache"), "miss");
+    assert_eq!(header_of(&miss, "x-switchyard-cache"), "miss");
     let bytes = || async {
         metric(
             &gw.metrics().await,
@@ -191,9 +176,9 @@ async fn a_comment_keeps_the_cache_and_a_changed_plan_frees_it() {
     );
     assert_eq!(gw.admin_reload().await.0, 200);
     let hit = grpc_infer_with(&mut client, "digits-cached", "", &[]).await;
-    assert_eq!(header(&hit, "x-switchyard-policy"), "2");
+    assert_eq!(header_of(&hit, "x-switchyard-policy"), "2");
     assert_eq!(
-        header(&hit, "x-switchyard-cache"),
+        header_of(&hit, "x-switchyard-cache"),
         "hit",
         "a comment changes nothing"
     );
@@ -208,8 +193,8 @@ async fn a_comment_keeps_the_cache_and_a_changed_plan_frees_it() {
     assert_eq!(gw.admin_reload().await.0, 200);
     assert_eq!(bytes().await, 0.0, "the old cache was let go");
     let fresh = grpc_infer_with(&mut client, "digits-cached", "", &[]).await;
-    assert_eq!(header(&fresh, "x-switchyard-cache"), "miss");
-    assert_eq!(header(&fresh, "x-switchyard-target"), "digits_mlp/2");
+    assert_eq!(header_of(&fresh, "x-switchyard-cache"), "miss");
+    assert_eq!(header_of(&fresh, "x-switchyard-target"), "digits_mlp/2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,9 +204,9 @@ async fn a_fallback_answer_is_returned_but_never_cached() {
     let mut client = s.gw.client().await;
     for i in 0..3 {
         let r = grpc_infer_with(&mut client, "r", "", &[]).await;
-        assert_eq!(header(&r, "x-switchyard-target"), "digits_linear/1");
+        assert_eq!(header_of(&r, "x-switchyard-target"), "digits_linear/1");
         assert_eq!(
-            header(&r, "x-switchyard-cache"),
+            header_of(&r, "x-switchyard-cache"),
             "miss",
             "request {i}: a fallback's answer is not the decided target's"
         );
@@ -239,18 +224,18 @@ async fn two_inline_plans_on_one_cached_route_never_share_answers() {
     let s = start(&policy, "").await;
     let mut client = s.gw.client().await;
     let linear = grpc_infer_with(&mut client, "r", "", &[("x-linear", "1")]).await;
-    assert_eq!(header(&linear, "x-switchyard-target"), "digits_linear/1");
-    assert_eq!(header(&linear, "x-switchyard-cache"), "miss");
+    assert_eq!(header_of(&linear, "x-switchyard-target"), "digits_linear/1");
+    assert_eq!(header_of(&linear, "x-switchyard-cache"), "miss");
     let mlp = grpc_infer_with(&mut client, "r", "", &[]).await;
-    assert_eq!(header(&mlp, "x-switchyard-cache"), "miss");
-    assert_eq!(header(&mlp, "x-switchyard-target"), "digits_mlp/1");
+    assert_eq!(header_of(&mlp, "x-switchyard-cache"), "miss");
+    assert_eq!(header_of(&mlp, "x-switchyard-target"), "digits_mlp/1");
     assert_ne!(
         mlp.get_ref().raw_output_contents,
         linear.get_ref().raw_output_contents
     );
     let again = grpc_infer_with(&mut client, "r", "", &[("x-linear", "1")]).await;
-    assert_eq!(header(&again, "x-switchyard-cache"), "hit");
-    assert_eq!(header(&again, "x-switchyard-target"), "digits_linear/1");
+    assert_eq!(header_of(&again, "x-switchyard-cache"), "hit");
+    assert_eq!(header_of(&again, "x-switchyard-target"), "digits_linear/1");
     let metrics = s.gw.metrics().await;
     for plan in ["cascade-1", "cascade-2"] {
         assert!(
@@ -277,9 +262,9 @@ async fn a_split_inside_a_cascade_draws_independently_of_the_outer_split() {
     let mut by_target = std::collections::HashMap::<String, usize>::new();
     for _ in 0..96 {
         let r = grpc_infer_with(&mut client, "r", "", &[]).await;
-        if !header(&r, "x-switchyard-cascade-stage").is_empty() {
+        if !header_of(&r, "x-switchyard-cascade-stage").is_empty() {
             *by_target
-                .entry(header(&r, "x-switchyard-target"))
+                .entry(header_of(&r, "x-switchyard-target"))
                 .or_default() += 1;
         }
     }

@@ -38,15 +38,7 @@ async fn infer_one(
     row: &[f32],
     headers: &[(&str, &str)],
 ) -> (ModelInferResponse, HashMap<String, String>) {
-    let mut req = tonic::Request::new(infer_request(route, "", &[row.to_vec()]));
-    for (k, v) in headers {
-        req.metadata_mut().insert(
-            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    let resp = client
-        .model_infer(req)
+    let resp = infer_with(client, infer_request(route, "", &[row.to_vec()]), headers)
         .await
         .unwrap_or_else(|s| panic!("{route}: {s:?}"));
     let headers = resp

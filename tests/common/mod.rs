@@ -322,3 +322,28 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// One gRPC inference with extra request metadata (`headers`).
+pub async fn infer_with(
+    client: &mut Client,
+    request: ModelInferRequest,
+    headers: &[(&str, &str)],
+) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
+    let mut req = tonic::Request::new(request);
+    for (k, v) in headers {
+        req.metadata_mut().insert(
+            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    client.model_infer(req).await
+}
+
+/// A gRPC response's metadata value (`""` when absent).
+pub fn header_of<T>(resp: &tonic::Response<T>, name: &str) -> String {
+    resp.metadata()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
