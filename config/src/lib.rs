@@ -95,6 +95,65 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             }
         }
     }
+    let periods = [
+        (
+            "limits.default_deadline",
+            config.limits.default_deadline.0,
+            rules::MAX_DEADLINE,
+        ),
+        (
+            "breaker.base_ejection",
+            config.breaker.base_ejection.0,
+            rules::MAX_PERIOD,
+        ),
+        (
+            "breaker.max_ejection",
+            config.breaker.max_ejection.0,
+            rules::MAX_PERIOD,
+        ),
+        (
+            "health_check.interval",
+            config.health_check.interval.0,
+            rules::MAX_PERIOD,
+        ),
+        (
+            "health_check.timeout",
+            config.health_check.timeout.0,
+            rules::MAX_TIMEOUT,
+        ),
+        (
+            "reload.debounce",
+            config.reload.debounce.0,
+            rules::MAX_PERIOD,
+        ),
+    ];
+    for (what, d, max) in periods {
+        if let Err(e) = rules::within(what, d, max) {
+            problems.push(Diagnostic::new(file, 0, 0, what, e));
+        }
+    }
+    if config.breaker.base_ejection.0 > config.breaker.max_ejection.0 {
+        problems.push(Diagnostic::new(
+            file,
+            0,
+            0,
+            "breaker.base_ejection",
+            "base_ejection must be at most max_ejection",
+        ));
+    }
+    for (name, backend) in &config.backends {
+        if let Some(t) = backend.value.connect_timeout
+            && let Err(e) = rules::within("connect_timeout", t.0, rules::MAX_TIMEOUT)
+        {
+            problems.push(Diagnostic::new(
+                file,
+                backend.line,
+                backend.column,
+                format!("backends.{name}.connect_timeout"),
+                e,
+            ));
+        }
+    }
     if config.breaker.consecutive_failures == 0 || config.breaker.half_open_probes == 0 {
         problems.push(Diagnostic::new(
             file,
@@ -163,6 +222,15 @@ pub fn load_policies(dir: &Path, gateway: &GatewayConfig) -> Result<PolicySet, D
     let mut problems = Vec::new();
     let mut files = Vec::new();
     for file in paths {
+        // Only regular files (a symlink to one, as Kubernetes mounts a ConfigMap, is one):
+        // opening a FIFO or a device would block the reload.
+        if !std::fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+            problems.push(Diagnostic::file(
+                &file,
+                "not a regular file (a FIFO, socket, device, folder or dangling link); policies are read from regular files only",
+            ));
+            continue;
+        }
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
@@ -241,38 +309,33 @@ pub fn load_policies(dir: &Path, gateway: &GatewayConfig) -> Result<PolicySet, D
             .map(|f| refs_of(f).into_iter().map(|r| r.0).collect())
             .unwrap_or_default()
     };
-    let mut reported: Vec<String> = Vec::new();
-    for f in &files {
-        let start = f.policy.route.value.clone();
-        if reported.contains(&start) {
-            continue;
-        }
-        let mut path = vec![start.clone()];
-        if let Some(cycle) = validate::find_cycle(&start, &edges, &mut path) {
-            let described: Vec<String> = cycle
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{r} ({})",
-                        known
-                            .get(r.as_str())
-                            .map_or(String::new(), |f| f.file.display().to_string())
-                    )
-                })
-                .collect();
-            let route = &f.policy.route;
-            problems.push(Diagnostic::new(
-                &f.file,
-                route.line,
-                route.column,
-                "route",
+    let routes: Vec<String> = files.iter().map(|f| f.policy.route.value.clone()).collect();
+    for cycle in validate::find_cycles(&routes, &edges) {
+        let described: Vec<String> = cycle
+            .iter()
+            .map(|r| {
                 format!(
-                    "routes delegate to each other in a cycle: {}",
-                    described.join(" -> ")
-                ),
-            ));
-            reported.extend(cycle);
-        }
+                    "{r} ({})",
+                    known
+                        .get(r.as_str())
+                        .map_or(String::new(), |f| f.file.display().to_string())
+                )
+            })
+            .collect();
+        let Some(f) = known.get(cycle[0].as_str()) else {
+            continue;
+        };
+        let route = &f.policy.route;
+        problems.push(Diagnostic::new(
+            &f.file,
+            route.line,
+            route.column,
+            "route",
+            format!(
+                "routes delegate to each other in a cycle: {}",
+                described.join(" -> ")
+            ),
+        ));
     }
     if problems.is_empty() {
         Ok(PolicySet { files })

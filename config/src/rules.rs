@@ -1,6 +1,30 @@
 //! The policy rules that both `switchyard check` (validation, with file and line) and the
 //! gateway's compiler apply, written once: what validation accepts is exactly what runs.
 
+use std::time::Duration;
+
+/// The longest deadline a route (or `limits.default_deadline`) may set: 600s.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(600);
+/// The longest a cached answer may serve: a year.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest health-check interval, breaker ejection or reload debounce: an hour.
+pub const MAX_PERIOD: Duration = Duration::from_secs(3600);
+/// The longest connect or health-check timeout: a minute.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A duration above 0 and at most `max`; `what` names it in the message.
+pub fn within(what: &str, d: Duration, max: Duration) -> Result<Duration, String> {
+    if !d.is_zero() && d <= max {
+        Ok(d)
+    } else {
+        Err(format!(
+            "{what} must be above 0 and at most {}s, got {}s",
+            max.as_secs_f64(),
+            d.as_secs_f64()
+        ))
+    }
+}
+
 /// A sticky split key, `header:NAME`: the header whose value is hashed, lowercased as
 /// HTTP/2 sends header names.
 pub fn sticky_header(key: &str) -> Result<String, String> {
@@ -129,5 +153,16 @@ mod tests {
         );
         // Over bytes: a pattern for a non-UTF-8 byte is a valid header rule.
         assert!(header_regex(r"(?-u:\xFF)").is_ok());
+        // Extended mode would comment out the anchor: refused, as at run time.
+        assert!(header_regex("(?x) premium # note").is_err());
+        assert_eq!(
+            within("ttl", Duration::from_secs(60), MAX_CACHE_TTL),
+            Ok(Duration::from_secs(60))
+        );
+        assert_eq!(
+            within("deadline", Duration::from_secs(700), MAX_DEADLINE).unwrap_err(),
+            "deadline must be above 0 and at most 600s, got 700s"
+        );
+        assert!(within("interval", Duration::ZERO, MAX_PERIOD).is_err());
     }
 }

@@ -10,8 +10,6 @@ use crate::policy::{Combine, HeaderMatchConfig, PlanConfig, PolicyFile, RuleConf
 use crate::rules;
 use crate::units::At;
 
-/// Longest deadline a route may set.
-const MAX_DEADLINE_SECS: u64 = 600;
 /// Most retries a route may ask for.
 const MAX_RETRY_ATTEMPTS: u32 = 5;
 
@@ -184,13 +182,8 @@ pub fn validate_policy(
         }
     }
     if let Some(cache) = &policy.cache {
-        if cache.value.ttl.0.is_zero() {
-            at(
-                cache.line,
-                cache.column,
-                "cache.ttl".into(),
-                "ttl must be above 0".into(),
-            );
+        if let Err(e) = rules::within("ttl", cache.value.ttl.0, rules::MAX_CACHE_TTL) {
+            at(cache.line, cache.column, "cache.ttl".into(), e);
         }
         if cache.value.max_bytes.0 < 1024 {
             at(
@@ -224,16 +217,10 @@ pub fn validate_policy(
             );
         }
     }
-    if let Some(d) = &policy.deadline {
-        let secs = d.value.0.as_secs_f64();
-        if d.value.0.is_zero() || secs > MAX_DEADLINE_SECS as f64 {
-            at(
-                d.line,
-                d.column,
-                "deadline".into(),
-                format!("deadline must be above 0 and at most {MAX_DEADLINE_SECS}s, got {secs}s"),
-            );
-        }
+    if let Some(d) = &policy.deadline
+        && let Err(e) = rules::within("deadline", d.value.0, rules::MAX_DEADLINE)
+    {
+        at(d.line, d.column, "deadline".into(), e);
     }
     if let Some(r) = &policy.retry
         && r.value.attempts > MAX_RETRY_ATTEMPTS
@@ -477,13 +464,10 @@ fn check_plan(
                     ),
                 );
             }
-            if e.member_timeout.is_some_and(|t| t.0.is_zero()) {
-                at(
-                    line,
-                    column,
-                    format!("{path}.ensemble.member_timeout"),
-                    "member_timeout must be above 0".into(),
-                );
+            if let Some(t) = e.member_timeout
+                && let Err(e) = rules::within("member_timeout", t.0, rules::MAX_DEADLINE)
+            {
+                at(line, column, format!("{path}.ensemble.member_timeout"), e);
             }
         }
     }
@@ -537,49 +521,69 @@ fn check_plan_cycles(policy: &PolicyFile, at: &mut impl FnMut(u64, u64, String, 
         refs.retain(|r| policy.plans.contains_key(r));
         refs
     };
-    let mut reported: Vec<String> = Vec::new();
-    for start in policy.plans.keys() {
-        let mut path = vec![start.clone()];
-        if let Some(cycle) = find_cycle(start, &edges, &mut path)
-            && !cycle.iter().any(|n| reported.contains(n))
-        {
-            let plan = &policy.plans[start];
-            at(
-                plan.line,
-                plan.column,
-                format!("plans.{start}"),
-                format!(
-                    "plans refer to each other in a cycle: {}",
-                    cycle.join(" -> ")
-                ),
-            );
-            reported.extend(cycle);
-        }
+    let names: Vec<String> = policy.plans.keys().cloned().collect();
+    for cycle in find_cycles(&names, &edges) {
+        let start = &cycle[0];
+        let plan = &policy.plans[start];
+        at(
+            plan.line,
+            plan.column,
+            format!("plans.{start}"),
+            format!(
+                "plans refer to each other in a cycle: {}",
+                cycle.join(" -> ")
+            ),
+        );
     }
 }
 
-/// A path from `path[0]` back to itself through `edges`, if any (depth-first).
-pub(crate) fn find_cycle(
-    start: &str,
+/// The cycles a depth-first search over `nodes` meets through `edges`, each as the path
+/// from a node back to itself (`a -> b -> a`). Every node is entered once, so the search
+/// is linear in the graph, and it keeps its own stack: a long chain of plans cannot
+/// overflow the thread's.
+pub(crate) fn find_cycles(
+    nodes: &[String],
     edges: &dyn Fn(&str) -> Vec<String>,
-    path: &mut Vec<String>,
-) -> Option<Vec<String>> {
-    let last = path.last()?.clone();
-    for next in edges(&last) {
-        if next == start {
-            let mut cycle = path.clone();
-            cycle.push(next);
-            return Some(cycle);
+) -> Vec<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Open,
+        Done,
+    }
+    let mut marks: HashMap<String, Mark> = HashMap::new();
+    let mut cycles = Vec::new();
+    for root in nodes {
+        if marks.contains_key(root) {
+            continue;
         }
-        if !path.contains(&next) && path.len() < 64 {
-            path.push(next);
-            if let Some(c) = find_cycle(start, edges, path) {
-                return Some(c);
+        // The path from `root`, each node with the successors it has yet to visit.
+        let mut stack: Vec<(String, std::vec::IntoIter<String>)> =
+            vec![(root.clone(), edges(root).into_iter())];
+        marks.insert(root.clone(), Mark::Open);
+        while let Some((_, next)) = stack.last_mut() {
+            let Some(next) = next.next() else {
+                let (done, _) = stack.pop().unwrap_or_default();
+                marks.insert(done, Mark::Done);
+                continue;
+            };
+            match marks.get(&next) {
+                Some(Mark::Done) => {}
+                Some(Mark::Open) => {
+                    let at = stack.iter().position(|(n, _)| *n == next).unwrap_or(0);
+                    let mut cycle: Vec<String> =
+                        stack[at..].iter().map(|(n, _)| n.clone()).collect();
+                    cycle.push(next);
+                    cycles.push(cycle);
+                }
+                None => {
+                    marks.insert(next.clone(), Mark::Open);
+                    let successors = edges(&next).into_iter();
+                    stack.push((next, successors));
+                }
             }
-            path.pop();
         }
     }
-    None
+    cycles
 }
 
 fn unknown_target(name: &str, targets: &[&str]) -> String {

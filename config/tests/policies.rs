@@ -126,3 +126,102 @@ fn policy_schema_json_is_fresh() {
         panic!("policies/schema.json was stale and has been regenerated; commit it");
     }
 }
+
+/// A gateway.yaml beside a policy folder holding `policies`.
+fn setup(gateway_extra: &str, policies: &[(&str, String)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    for (name, text) in policies {
+        std::fs::write(dir.path().join("policies").join(name), text).unwrap();
+    }
+    let gateway = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &gateway,
+        format!("policies: policies\nbackends:\n  stable: {{ endpoints: [\"127.0.0.1:1\"] }}\n{gateway_extra}"),
+    )
+    .unwrap();
+    (dir, gateway)
+}
+
+#[test]
+fn every_duration_of_gateway_yaml_has_a_range() {
+    for (extra, want) in [
+        (
+            "health_check: { interval: 0s }\n",
+            "health_check.interval must be above 0 and at most 3600s, got 0s",
+        ),
+        (
+            "health_check: { timeout: 2h }\n",
+            "health_check.timeout must be above 0 and at most 60s",
+        ),
+        (
+            "breaker: { base_ejection: 10m, max_ejection: 1m }\n",
+            "base_ejection must be at most max_ejection",
+        ),
+        (
+            "limits: { default_deadline: 1h }\n",
+            "limits.default_deadline must be above 0 and at most 600s",
+        ),
+        (
+            "reload: { debounce: 0s }\n",
+            "reload.debounce must be above 0",
+        ),
+    ] {
+        let (_dir, gateway) = setup(extra, &[]);
+        let e = load_gateway_config(&gateway).unwrap_err().to_string();
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn a_fifo_in_the_policy_folder_is_refused_not_opened() {
+    let (dir, gateway) = setup("", &[]);
+    let fifo = dir.path().join("policies/stuck.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let config = load_gateway_config(&gateway).unwrap();
+    // Opening the FIFO for reading would block until a writer came: this returns at once.
+    let e = load_policies(&config.policies, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stuck.yaml"), "{e}");
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn the_plan_cycle_check_is_linear_in_a_deep_dag_of_named_plans() {
+    // p0 splits over p1 and q1, each of which splits over p2 and q2, and so on: 2^40
+    // paths, which a search that revisits shared plans would walk one by one.
+    let depth = 40;
+    let mut plans = String::from("plans:\n");
+    for i in 0..depth {
+        for n in ["p", "q"] {
+            plans.push_str(&format!(
+                "  {n}{i}: {{ split: {{ weights: {{ p{next}: 1, q{next}: 1 }} }} }}\n",
+                next = i + 1
+            ));
+        }
+    }
+    plans.push_str(&format!("  p{depth}: a\n  q{depth}: a\n"));
+    let policy = format!(
+        "version: 1\nroute: deep\ntargets:\n  a: {{ backend: stable, model: digits_mlp, version: 1 }}\n{plans}default: p0\n"
+    );
+    let (_dir, gateway) = setup("", &[("deep.yaml", policy.clone())]);
+    let config = load_gateway_config(&gateway).unwrap();
+    let set = load_policies(&config.policies, &config).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(set.files.len(), 1);
+    // And a cycle at the bottom of it is found and named.
+    let cyclic = policy.replace(&format!("  p{depth}: a\n"), &format!("  p{depth}: p0\n"));
+    let (_dir, gateway) = setup("", &[("deep.yaml", cyclic)]);
+    let config = load_gateway_config(&gateway).unwrap();
+    let e = load_policies(&config.policies, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("plans refer to each other in a cycle: p0 -> p1"),
+        "{e}"
+    );
+}

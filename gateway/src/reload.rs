@@ -22,6 +22,24 @@ use crate::snapshot::{Kept, Snapshot};
 use crate::upstream::Upstreams;
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 
+/// The longest a reload may take to read, validate and compile the policy folder.
+const RELOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a panicked reload task said.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => format!("panicked: {}", panic_text(&*p)),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
 /// The outcome of the last reload attempt, for `GET /admin/policy`.
 #[derive(Debug, Clone)]
 pub(crate) struct ReloadStatus {
@@ -62,20 +80,28 @@ impl Shared {
     pub(crate) async fn reload(self: &Arc<Self>, trigger: &str) -> Result<u64, Diagnostics> {
         let _one_at_a_time = self.reloads.lock.lock().await;
         let this = self.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || load_policies(&this.config.policies, &this.config))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(Diagnostics(vec![switchyard_config::Diagnostic::file(
-                        &self.config.policies,
-                        format!("reload task failed: {e}"),
-                    )]))
-                });
+        let failed = |what: String| {
+            Diagnostics(vec![switchyard_config::Diagnostic::file(
+                &self.config.policies,
+                what,
+            )])
+        };
+        // Reading, validating and compiling run on the blocking pool, bounded in time; a
+        // panic there is a failed reload with its message, and the next reload still runs.
+        let work = tokio::task::spawn_blocking(move || {
+            load_policies(&this.config.policies, &this.config).and_then(|policies| {
+                routing::compile(&policies, &this.config).map_err(|e| e.diagnostics())
+            })
+        });
+        let compiled = match tokio::time::timeout(RELOAD_LIMIT, work).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(failed(format!("the reload failed: {}", panic_message(e)))),
+            Err(_) => Err(failed(format!(
+                "the reload took longer than {RELOAD_LIMIT:?} to read and compile the policies"
+            ))),
+        };
         // Ensemble members whose models' metadata disagree on an output are rejected now
         // rather than failing every request later.
-        let compiled = loaded.and_then(|policies| {
-            routing::compile(&policies, &self.config).map_err(|e| e.diagnostics())
-        });
         let checked = match compiled {
             Ok(table) => {
                 let problems = check_ensemble_outputs(&self.upstreams, &table).await;
@@ -89,14 +115,23 @@ impl Shared {
         };
         let result = checked.and_then(|table| {
             let version = self.reloads.next_version.fetch_add(1, Ordering::AcqRel);
-            let snapshot = Snapshot::build(
-                version,
-                &table,
-                &self.upstreams,
-                &self.metrics,
-                &self.reloads.kept,
-            )
-            .map_err(|e| e.diagnostics())?;
+            let build = || {
+                Snapshot::build(
+                    version,
+                    &table,
+                    &self.upstreams,
+                    &self.metrics,
+                    &self.reloads.kept,
+                )
+            };
+            let snapshot = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+                .map_err(|p| {
+                    failed(format!(
+                        "building the snapshot panicked: {}",
+                        panic_text(&*p)
+                    ))
+                })?
+                .map_err(|e| e.diagnostics())?;
             self.snapshot.store(Arc::new(snapshot));
             Ok(version)
         });

@@ -164,7 +164,11 @@ impl<'a> Arena<'a> {
                     members: members.into(),
                     combine: e.combine,
                     quorum,
-                    member_timeout: e.member_timeout.map(|t| t.0),
+                    member_timeout: e
+                        .member_timeout
+                        .map(|t| rules::within("member_timeout", t.0, rules::MAX_DEADLINE))
+                        .transpose()
+                        .map_err(invalid("ensemble.member_timeout"))?,
                 })
             }
             PlanConfig::Route(r) => Plan::Route(r.as_str().into()),
@@ -320,10 +324,14 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
         plan_keys: Box::new([]),
         rules: rules.into(),
         default,
-        deadline: p
-            .deadline
-            .as_ref()
-            .map_or(gateway.limits.default_deadline.0, |d| d.value.0),
+        deadline: rules::within(
+            "deadline",
+            p.deadline
+                .as_ref()
+                .map_or(gateway.limits.default_deadline.0, |d| d.value.0),
+            rules::MAX_DEADLINE,
+        )
+        .map_err(invalid("deadline"))?,
         retry: p.retry.as_ref().map_or(
             RetryPolicy {
                 attempts: 0,
@@ -336,10 +344,17 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
         ),
         version_pinning: p.version_pinning,
         shadow,
-        cache: p.cache.as_ref().map(|c| CacheSpec {
-            ttl: c.value.ttl.0,
-            max_bytes: c.value.max_bytes.0,
-        }),
+        cache: p
+            .cache
+            .as_ref()
+            .map(|c| {
+                Ok::<_, CompileError>(CacheSpec {
+                    ttl: rules::within("ttl", c.value.ttl.0, rules::MAX_CACHE_TTL)
+                        .map_err(invalid("cache.ttl"))?,
+                    max_bytes: c.value.max_bytes.0,
+                })
+            })
+            .transpose()?,
         fingerprint: 0,
     };
     Ok(route)

@@ -1,0 +1,76 @@
+//! Careless and hostile input, end to end: what `switchyard check` accepts is exactly what
+//! a live reload runs, and a policy it refuses leaves the gateway serving its last good
+//! snapshot, with later edits still applied.
+
+mod common;
+
+use common::gateway::*;
+use common::*;
+
+fn cached_policy() -> String {
+    std::fs::read_to_string(root().join("policies/digits-cached.yaml")).unwrap()
+}
+
+async fn policy_in_force(gw: &TestGateway) -> String {
+    let mut client = gw.client().await;
+    let r = infer_with(
+        &mut client,
+        infer_request("digits-cached", "", &holdout().features[..1]),
+        &[],
+    )
+    .await
+    .expect("the route keeps serving");
+    header_of(&r, "x-switchyard-policy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_check_refuses_is_refused_live_and_later_edits_still_apply() {
+    let gw = TestGateway::digits()
+        .policy("digits-cached.yaml", &cached_policy())
+        .extra("reload: { watch: false }\n")
+        .start()
+        .await;
+    assert_eq!(policy_in_force(&gw).await, "1");
+    let cases = [
+        // moka panics on a TTL beyond 1000 years; it passed `check` and took the reload
+        // machinery down with it.
+        (
+            cached_policy().replace("ttl: 5m", "ttl: 1000y"),
+            "ttl must be above 0 and at most 31536000s",
+        ),
+        // Extended mode comments out the anchor the gateway adds: the rule compiled for
+        // `check` and was dropped at run time, matching requests without the header.
+        (
+            digits_policy(
+                "digits-cached",
+                "rules:\n  - match: { headers: { x-tier: { regex: \"(?x) premium # note\" } } }\n    plan: v2\ndefault: v1\ncache: { ttl: 5m }\n",
+            ),
+            "invalid regex '(?x) premium # note'",
+        ),
+        (
+            digits_policy(
+                "digits-cached",
+                "default: { ensemble: { members: [v1, v2], combine: mean, member_timeout: 100000h } }\n",
+            ),
+            "member_timeout must be above 0 and at most 600s",
+        ),
+    ];
+    for (policy, want) in cases {
+        gw.write_policy("digits-cached.yaml", &policy);
+        let (status, body) = gw.admin_reload().await;
+        assert_ne!(status, 200, "{want}: {body}");
+        assert!(body.to_string().contains(want), "{want}: {body}");
+        assert_eq!(
+            policy_in_force(&gw).await,
+            "1",
+            "the last good snapshot serves"
+        );
+    }
+    gw.write_policy(
+        "digits-cached.yaml",
+        &cached_policy().replace("ttl: 5m", "ttl: 10m"),
+    );
+    let (status, body) = gw.admin_reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(policy_in_force(&gw).await, "2", "a later edit applies");
+}
