@@ -102,6 +102,14 @@ struct BackendArgs {
     /// Largest gRPC message accepted or sent (bytes, or with a suffix).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     max_message_size: u64,
+    /// Who may load and unload models (Triton's --model-control-mode): `none` refuses
+    /// RepositoryModelLoad/Unload, `explicit` serves them to callers presenting the token
+    /// of --model-control-token-file as `authorization: Bearer <token>`.
+    #[arg(long, default_value = "none", value_parser = ["none", "explicit"])]
+    model_control_mode: String,
+    /// A file holding the model-control token (needed with --model-control-mode explicit).
+    #[arg(long, value_name = "PATH")]
+    model_control_token_file: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -134,6 +142,27 @@ async fn backend(args: BackendArgs) -> Result<()> {
     config.repository.onnxruntime_lib = args.onnxruntime_lib;
     config.max_message_size =
         usize::try_from(args.max_message_size).context("--max-message-size")?;
+    config.model_control = match (
+        args.model_control_mode.as_str(),
+        &args.model_control_token_file,
+    ) {
+        ("explicit", Some(file)) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("--model-control-token-file {}", file.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(
+                token.len() >= 16,
+                "--model-control-token-file {}: the token must be at least 16 characters",
+                file.display()
+            );
+            switchyard_backend::ModelControl::Explicit { token }
+        }
+        ("explicit", None) => anyhow::bail!(
+            "--model-control-mode explicit needs --model-control-token-file: a token callers present to load and unload models"
+        ),
+        _ => switchyard_backend::ModelControl::None,
+    };
     let backend = Backend::load(config)
         .await
         .with_context(|| format!("loading {}", args.model_repository.display()))?;

@@ -768,7 +768,7 @@ async fn bad_repository_entries_are_refused_with_a_reason_and_the_rest_serves() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloading_a_changed_version_never_fails_a_request() {
     let repo = copy_sample_repo();
-    let backend = TestBackend::start(repo.path()).await;
+    let backend = TestBackend::start_controlled(repo.path()).await;
     let data = Arc::new(holdout());
     let v1 = data.models["digits_mlp/1"].probabilities[0].clone();
     let v2 = data.models["digits_mlp/2"].probabilities[0].clone();
@@ -801,10 +801,10 @@ async fn reloading_a_changed_version_never_fails_a_request() {
     std::fs::copy(repo.path().join("digits_mlp/2/model.onnx"), &v1_path).unwrap();
     std::fs::remove_file(repo.path().join("digits_mlp/1/SHA256SUMS")).unwrap();
     admin
-        .repository_model_load(RepositoryModelLoadRequest {
+        .repository_model_load(controlled(RepositoryModelLoadRequest {
             model_name: "digits_mlp".into(),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -821,10 +821,10 @@ async fn reloading_a_changed_version_never_fails_a_request() {
     // A broken reload keeps the serving version and says why.
     std::fs::write(&v1_path, b"truncated").unwrap();
     let status = admin
-        .repository_model_load(RepositoryModelLoadRequest {
+        .repository_model_load(controlled(RepositoryModelLoadRequest {
             model_name: "digits_mlp".into(),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap_err();
     assert!(
@@ -865,14 +865,14 @@ async fn reloading_a_changed_version_never_fails_a_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unload_and_load_again() {
     let repo = copy_sample_repo();
-    let backend = TestBackend::start(repo.path()).await;
+    let backend = TestBackend::start_controlled(repo.path()).await;
     let mut client = backend.client().await;
     let rows = &holdout().features[..1];
     client
-        .repository_model_unload(RepositoryModelUnloadRequest {
+        .repository_model_unload(controlled(RepositoryModelUnloadRequest {
             model_name: "digits_linear".into(),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap();
     let status = client
@@ -892,10 +892,10 @@ async fn unload_and_load_again() {
             && m.reason == "unloaded")
     );
     client
-        .repository_model_load(RepositoryModelLoadRequest {
+        .repository_model_load(controlled(RepositoryModelLoadRequest {
             model_name: "digits_linear".into(),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap();
     assert!(
@@ -905,10 +905,10 @@ async fn unload_and_load_again() {
             .is_ok()
     );
     let status = client
-        .repository_model_load(RepositoryModelLoadRequest {
+        .repository_model_load(controlled(RepositoryModelLoadRequest {
             model_name: "ghost".into(),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap_err();
     assert!(
@@ -1031,4 +1031,68 @@ async fn onnxruntime_runtime_serves_the_reference_predictions() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_control_is_off_by_default_and_needs_the_token_when_on() {
+    let rows = &holdout().features[..1];
+    let unload = || RepositoryModelUnloadRequest {
+        model_name: "digits_linear".into(),
+        ..Default::default()
+    };
+    // Triton's `--model-control-mode none`: an anonymous unload was served before.
+    let backend = TestBackend::start(&sample_repo()).await;
+    let mut client = backend.client().await;
+    let status = client.repository_model_unload(unload()).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("--model-control-mode explicit"),
+        "{status:?}"
+    );
+    let status = client
+        .repository_model_load(controlled(RepositoryModelLoadRequest {
+            model_name: "digits_linear".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "a token opens nothing when off"
+    );
+    assert!(
+        client
+            .model_infer(infer_request("digits_linear", "", rows))
+            .await
+            .is_ok()
+    );
+
+    // `explicit`: the token, and only the token, unloads.
+    let repo = copy_sample_repo();
+    let backend = TestBackend::start_controlled(repo.path()).await;
+    let mut client = backend.client().await;
+    let status = client.repository_model_unload(unload()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut wrong = tonic::Request::new(unload());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer not-the-token".parse().unwrap());
+    let status = client.repository_model_unload(wrong).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        client
+            .model_infer(infer_request("digits_linear", "", rows))
+            .await
+            .is_ok()
+    );
+    client
+        .repository_model_unload(controlled(unload()))
+        .await
+        .unwrap();
+    let status = client
+        .model_infer(infer_request("digits_linear", "", rows))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
 }

@@ -63,6 +63,33 @@ pub struct BackendConfig {
     pub repository: RepositoryOptions,
     /// Largest gRPC message accepted or sent, in bytes. Default 64 MiB.
     pub max_message_size: usize,
+    /// Who may load and unload models. Default [`ModelControl::None`].
+    pub model_control: ModelControl,
+}
+
+/// Who may load and unload models over RepositoryModelLoad/Unload: Triton's
+/// `--model-control-mode`, where `explicit` also needs a token (Triton trusts anyone who
+/// reaches the port).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum ModelControl {
+    /// Models load at start-up; load and unload calls are refused. The default.
+    #[default]
+    None,
+    /// Load and unload calls are served to callers that send `authorization: Bearer TOKEN`.
+    Explicit {
+        /// The bearer token callers must present.
+        token: String,
+    },
+}
+
+impl std::fmt::Debug for ModelControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Explicit { .. } => f.write_str("Explicit { token: .. }"),
+        }
+    }
 }
 
 impl BackendConfig {
@@ -72,6 +99,7 @@ impl BackendConfig {
             model_repository: model_repository.into(),
             repository: RepositoryOptions::default(),
             max_message_size: 64 << 20,
+            model_control: ModelControl::None,
         }
     }
 }
@@ -107,6 +135,7 @@ impl Backend {
             service: service::InferenceService {
                 repo,
                 ready: Arc::new(AtomicBool::new(true)),
+                control: Arc::new(config.model_control.clone()),
             },
             metrics,
             max_message_size: config.max_message_size,

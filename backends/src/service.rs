@@ -36,12 +36,37 @@ pub(crate) struct InferenceService {
     pub(crate) repo: Arc<Repository>,
     /// False until the repository is loaded and again once shutdown starts.
     pub(crate) ready: Arc<AtomicBool>,
+    /// Who may load and unload models.
+    pub(crate) control: Arc<crate::ModelControl>,
 }
 
 type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send + 'static>>;
 
 impl InferenceService {
+    /// Whether this call may load or unload models (`model` names it in the refusal).
+    fn may_control<T>(&self, req: &Request<T>, model: &str) -> Result<(), Status> {
+        match &*self.control {
+            crate::ModelControl::None => Err(Status::failed_precondition(format!(
+                "cannot load or unload '{model}': model control is off (--model-control-mode none); start the backend with --model-control-mode explicit and a token to allow it"
+            ))),
+            crate::ModelControl::Explicit { token } => {
+                let given = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err(Status::unauthenticated(
+                        "loading and unloading models needs `authorization: Bearer <token>` (the backend's --model-control-token-file)",
+                    ))
+                }
+            }
+        }
+    }
+
     async fn infer(
         &self,
         mut req: pb::ModelInferRequest,
@@ -306,6 +331,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        self.may_control(&req, &req.get_ref().model_name)?;
         let req = req.into_inner();
         if let Some(key) = req.parameters.keys().next() {
             return Err(Status::invalid_argument(format!(
@@ -320,7 +346,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.may_control(&req, &req.get_ref().model_name)?;
         self.repo.unload(&req.into_inner().model_name).await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
+}
+
+/// Equal in time independent of where the inputs differ (a token compared byte by byte
+/// would tell an attacker how much of a guess was right).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -64,6 +64,17 @@ impl TestBackend {
         Self::start_with(BackendConfig::new(repo)).await
     }
 
+    /// A backend whose models callers holding [`CONTROL_TOKEN`] may load and unload.
+    pub async fn start_controlled(repo: &Path) -> Self {
+        Self::start_with(BackendConfig {
+            model_control: switchyard_backend::ModelControl::Explicit {
+                token: CONTROL_TOKEN.to_owned(),
+            },
+            ..BackendConfig::new(repo)
+        })
+        .await
+    }
+
     pub async fn start_with(config: BackendConfig) -> Self {
         Self::start_on(config, "127.0.0.1:0".parse().unwrap()).await
     }
@@ -346,4 +357,17 @@ pub fn header_of<T>(resp: &tonic::Response<T>, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The model-control token of [`TestBackend::start_controlled`].
+pub const CONTROL_TOKEN: &str = "test-model-control-token-5c1e";
+
+/// A model-control request carrying [`CONTROL_TOKEN`].
+pub fn controlled<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {CONTROL_TOKEN}").parse().unwrap(),
+    );
+    req
 }

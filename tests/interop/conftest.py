@@ -30,6 +30,10 @@ class Process:
         assert self.proc.wait(timeout=60) == 0, "exits 0 on SIGTERM"
 
 
+# The model-control token of the `backend` fixture (sent as `authorization: Bearer ...`).
+CONTROL_TOKEN = "interop-model-control-token-9a41"
+
+
 def switchyard(*args):
     return Process([os.environ.get("SWITCHYARD_BIN", str(ROOT / "target/debug/switchyard")), *args])
 
@@ -41,10 +45,16 @@ def holdout():
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    """A backend on a private copy of the sample repository (tests load and unload models)."""
+    """A backend on a private copy of the sample repository whose models the tests may
+    load and unload: model control `explicit`, with CONTROL_TOKEN."""
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     shutil.copytree(SAMPLE_REPO, repo)
-    p = switchyard("backend", "--model-repository", str(repo), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+    token = repo.parent / "control-token"
+    token.write_text(CONTROL_TOKEN + "\n")
+    p = switchyard(
+        "backend", "--model-repository", str(repo), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+        "--model-control-mode", "explicit", "--model-control-token-file", str(token),
+    )
     yield p
     p.stop()
 

@@ -5,6 +5,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from conftest import CONTROL_TOKEN
+
 
 @pytest.fixture(scope="module")
 def client(backend):
@@ -119,7 +121,13 @@ def test_statistics_and_repository(client):
         ("digits_mlp", "1", "READY"),
         ("digits_mlp", "2", "READY"),
     }
-    client.unload_model("digits_linear")
+    # Model control needs the backend's token; without it the model stays loaded.
+    with pytest.raises(InferenceServerException) as e:
+        client.unload_model("digits_linear")
+    assert status_of(e) == "StatusCode.UNAUTHENTICATED"
+    assert client.is_model_ready("digits_linear")
+    auth = {"authorization": f"Bearer {CONTROL_TOKEN}"}
+    client.unload_model("digits_linear", headers=auth)
     assert not client.is_model_ready("digits_linear")
-    client.load_model("digits_linear")
+    client.load_model("digits_linear", headers=auth)
     assert client.is_model_ready("digits_linear")
