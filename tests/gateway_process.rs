@@ -183,3 +183,75 @@ fn explain_says_which_target_and_why() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route 'nope'"));
 }
+
+/// The peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size() {
+    // The cache key decoded the whole request: 2 bytes of an empty `inputs` entry became a
+    // few hundred, and 16 MiB of them raised the gateway's peak by gigabytes. The route's
+    // pool is down, so only the gateway's own work counts.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/cached.yaml"),
+        "version: 1\nroute: cached\ntargets:\n  a: { backend: dead, model: digits_mlp, version: 1 }\ndefault: a\ncache: { ttl: 1m }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        "listen: { http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }\npolicies: policies\nbackends:\n  dead: { endpoints: [\"127.0.0.1:1\"] }\nreload: { watch: false }\nlimits: { max_body_bytes: 32MiB }\n",
+    )
+    .unwrap();
+    let mut child = switchyard()
+        .args(["gateway", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("grpc= in {line:?}"))
+        .parse()
+        .unwrap();
+    let before = peak_rss(child.id());
+    let size = 16 << 20;
+    let mut body = vec![0x0a, 0x06];
+    body.extend_from_slice(b"cached");
+    body.extend(std::iter::repeat_n([0x2a, 0x00], (size - body.len()) / 2).flatten());
+    let mut raw = raw_client(grpc).await;
+    raw.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/inference.GRPCInferenceService/ModelInfer",
+    );
+    let status = raw
+        .unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let grown = peak_rss(child.id()).saturating_sub(before);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        grown < 4 * size as u64 + (32 << 20),
+        "the peak grew by {} MiB for a {} MiB request",
+        grown >> 20,
+        size >> 20
+    );
+}

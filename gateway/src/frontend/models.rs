@@ -172,10 +172,7 @@ async fn cached(
     );
     let route = &exec.entry.route;
     let plan_key = route.plan_keys[decision.plan.0 as usize];
-    let (key, id) = cache::key(&route.name, plan_key, exec.message).map_err(|error| Failure {
-        error,
-        target: None,
-    })?;
+    let (key, id) = cache::key(&route.name, plan_key, exec.message);
     // The target a failed call last tried, for this caller's metrics (waiters on the same
     // call share its error, not its target).
     let failed = AtomicU32::new(u32::MAX);

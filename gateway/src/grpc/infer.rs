@@ -657,9 +657,29 @@ impl fmt::Display for Path<'_> {
     }
 }
 
-/// A map entry's key, for an error message: the last field 1 read before anything
-/// unreadable, if it is a string.
-fn entry_key(entry: &[u8]) -> Option<&str> {
+/// The top-level fields of a message that [`split_infer_request`] accepted (or any well
+/// formed message): `(field number, value)`, the value of a length-delimited field being
+/// its contents and of any other field its encoded bytes. Nothing is allocated; iteration
+/// stops at anything unreadable.
+pub(crate) fn fields(buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+    let mut c = Cursor::new(buf);
+    std::iter::from_fn(move || {
+        if c.done() {
+            return None;
+        }
+        let (tag, wire) = c.key().ok()?;
+        if wire == LEN {
+            return c.len_delimited().ok().map(|v| (tag, v));
+        }
+        let start = c.at;
+        skip(&mut c, tag, wire, RECURSION_LIMIT).ok()?;
+        c.buf.get(start..c.at).map(|v| (tag, v))
+    })
+}
+
+/// A map entry's key: the last field 1 read before anything unreadable, if it is a
+/// string.
+pub(crate) fn entry_key(entry: &[u8]) -> Option<&str> {
     let mut key = None;
     let mut c = Cursor::new(entry);
     while !c.done() {

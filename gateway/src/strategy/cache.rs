@@ -10,13 +10,11 @@
 
 use bytes::{Bytes, BytesMut};
 use moka::future::Cache;
-use prost::Message;
-use switchyard_proto::inference::ModelInferRequest;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 use super::Answer;
 use crate::error::GatewayError;
-use crate::grpc::infer::InferMessage;
+use crate::grpc::infer::{InferMessage, entry_key, fields};
 use crate::metrics::CacheMetrics;
 
 /// Parameters that change when or how an answer comes, never what it is.
@@ -209,20 +207,13 @@ pub(crate) fn with_id(response: &Bytes, id: &str) -> Bytes {
 
 /// The cache key of a request to `route` that will run the plan whose meaning `plan_key`
 /// hashes, and the request's `id` (which a stored answer takes on for this caller).
-pub(crate) fn key(
-    route: &str,
-    plan_key: u64,
-    message: &InferMessage,
-) -> Result<(u128, String), GatewayError> {
-    let body: Bytes = if message.rest.len() == 1 {
-        message.rest[0].clone()
-    } else {
-        let mut all = BytesMut::new();
-        message.rest.iter().for_each(|c| all.extend_from_slice(c));
-        all.freeze()
-    };
-    let req = ModelInferRequest::decode(body)
-        .map_err(|e| GatewayError::BadRequest(format!("cannot decode ModelInferRequest: {e}")))?;
+///
+/// The key is computed from the message's fields as they arrived (`split_infer_request`
+/// checked them), without decoding it: memory stays constant whatever the request holds.
+/// Inputs, requested outputs and raw contents count in their order (raw contents pair
+/// with inputs by position); parameters count whatever their order (a map has none), all
+/// but those that change when or how an answer comes (`NOT_IN_KEY`); the `id` does not.
+pub(crate) fn key(route: &str, plan_key: u64, message: &InferMessage) -> (u128, String) {
     let mut h = Xxh3::new();
     let mut put = |bytes: &[u8]| {
         h.update(&(bytes.len() as u64).to_le_bytes());
@@ -230,39 +221,33 @@ pub(crate) fn key(
     };
     put(route.as_bytes());
     put(&plan_key.to_le_bytes());
-    let mut inputs: Vec<usize> = (0..req.inputs.len()).collect();
-    inputs.sort_by(|&a, &b| req.inputs[a].name.cmp(&req.inputs[b].name));
-    for i in inputs {
-        let input = &req.inputs[i];
-        put(input.name.as_bytes());
-        put(input.datatype.as_bytes());
-        let shape: Vec<u8> = input.shape.iter().flat_map(|d| d.to_le_bytes()).collect();
-        put(&shape);
-        match req.raw_input_contents.get(i) {
-            Some(raw) => put(raw),
-            None => put(&input
-                .contents
-                .as_ref()
-                .map(|c| c.encode_to_vec())
-                .unwrap_or_default()),
+    let mut id = String::new();
+    let mut parameters = 0u128;
+    for chunk in &message.rest {
+        for (field, value) in fields(chunk) {
+            match field {
+                ID => id = String::from_utf8_lossy(value).into_owned(),
+                PARAMETERS => {
+                    if entry_key(value).is_some_and(|k| NOT_IN_KEY.contains(&k)) {
+                        continue;
+                    }
+                    parameters = parameters.wrapping_add(xxh3_128(value));
+                }
+                other => {
+                    put(&other.to_le_bytes());
+                    put(value);
+                }
+            }
         }
     }
-    let mut outputs: Vec<&str> = req.outputs.iter().map(|o| o.name.as_str()).collect();
-    outputs.sort_unstable();
-    put(outputs.join("\0").as_bytes());
-    let mut params: Vec<(&String, Vec<u8>)> = req
-        .parameters
-        .iter()
-        .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
-        .map(|(k, v)| (k, v.encode_to_vec()))
-        .collect();
-    params.sort();
-    for (k, v) in params {
-        put(k.as_bytes());
-        put(&v);
-    }
-    Ok((h.digest128(), req.id))
+    put(&parameters.to_le_bytes());
+    (h.digest128(), id)
 }
+
+/// `ModelInferRequest.id`.
+const ID: u32 = 3;
+/// `ModelInferRequest.parameters`.
+const PARAMETERS: u32 = 4;
 
 #[cfg(test)]
 mod tests {
@@ -273,8 +258,9 @@ mod tests {
     use super::*;
     use crate::grpc::infer::split_infer_request;
     use prometheus::{IntCounter, IntGauge};
-    use switchyard_proto::inference::ModelInferResponse;
+    use prost::Message;
     use switchyard_proto::inference::model_infer_request::InferInputTensor;
+    use switchyard_proto::inference::{ModelInferRequest, ModelInferResponse};
 
     fn metrics() -> CacheMetrics {
         let c = |n: &str| IntCounter::new(format!("c_{n}"), "t").unwrap();
@@ -328,7 +314,7 @@ mod tests {
 
     #[test]
     fn keys_depend_on_what_decides_the_answer_only() {
-        let k = |m: &InferMessage, plan: u64| key("r", plan, m).unwrap().0;
+        let k = |m: &InferMessage, plan: u64| key("r", plan, m).0;
         let base = k(&message([1, 2, 3, 4], None), 7);
         assert_eq!(
             base,
@@ -521,5 +507,83 @@ mod tests {
         assert_eq!((mine.id.as_str(), mine.model_name.as_str()), ("me", "m"));
         let none = ModelInferResponse::decode(with_id(&Bytes::from(stored), "")).unwrap();
         assert_eq!(none.id, "", "a caller without an id gets none");
+    }
+
+    /// A request's bytes from its head and extra parameter entries, in the given order.
+    fn with_parameters(order: &[(&str, i64)]) -> InferMessage {
+        let mut bytes = ModelInferRequest {
+            model_name: "route".into(),
+            id: "caller-7".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        for (k, v) in order {
+            let mut one = ModelInferRequest::default();
+            one.parameters.insert(
+                (*k).to_owned(),
+                switchyard_proto::inference::InferParameter {
+                    parameter_choice: Some(
+                        switchyard_proto::inference::infer_parameter::ParameterChoice::Int64Param(
+                            *v,
+                        ),
+                    ),
+                },
+            );
+            bytes.extend(one.encode_to_vec());
+        }
+        split_infer_request(&Bytes::from(bytes)).unwrap()
+    }
+
+    #[test]
+    fn parameters_count_whatever_their_order_and_the_id_comes_back() {
+        let a = key(
+            "r",
+            1,
+            &with_parameters(&[("top_k", 3), ("temperature", 1)]),
+        );
+        let b = key(
+            "r",
+            1,
+            &with_parameters(&[("temperature", 1), ("top_k", 3)]),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.1, "caller-7");
+        let c = key(
+            "r",
+            1,
+            &with_parameters(&[("temperature", 1), ("top_k", 4)]),
+        );
+        assert_ne!(a.0, c.0, "a parameter's value is part of the key");
+        let d = key(
+            "r",
+            1,
+            &with_parameters(&[("top_k", 3), ("temperature", 1), ("priority", 9)]),
+        );
+        assert_eq!(a.0, d.0, "priority changes when, not what");
+    }
+
+    #[test]
+    fn a_key_over_many_empty_inputs_decodes_nothing() {
+        // 2 bytes on the wire per input; decoded, each would be a few hundred bytes.
+        let mut bytes = ModelInferRequest {
+            model_name: "route".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        bytes.extend(std::iter::repeat_n([0x2a, 0x00], 200_000).flatten());
+        let message = split_infer_request(&Bytes::from(bytes)).unwrap();
+        let (k, id) = key("r", 1, &message);
+        assert_eq!(id, "");
+        assert_ne!(k, key("r", 1, &message_of_inputs(199_999)).0);
+    }
+
+    fn message_of_inputs(n: usize) -> InferMessage {
+        let mut bytes = ModelInferRequest {
+            model_name: "route".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        bytes.extend(std::iter::repeat_n([0x2a, 0x00], n).flatten());
+        split_infer_request(&Bytes::from(bytes)).unwrap()
     }
 }
