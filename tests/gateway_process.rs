@@ -248,6 +248,11 @@ async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size(
     let grown = peak_rss(child.id()).saturating_sub(before);
     let _ = child.kill();
     let _ = child.wait();
+    eprintln!(
+        "peak RSS grew by {:.1} MiB for a {} MiB request",
+        grown as f64 / f64::from(1 << 20),
+        size >> 20
+    );
     assert!(
         grown < 4 * size as u64 + (32 << 20),
         "the peak grew by {} MiB for a {} MiB request",
