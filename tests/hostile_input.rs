@@ -74,3 +74,31 @@ async fn a_value_check_refuses_is_refused_live_and_later_edits_still_apply() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(policy_in_force(&gw).await, "2", "a later edit applies");
 }
+
+/// Sends `request` on a fresh connection and reads until the server closes it.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    // A bound on a hang, not a speed expectation: the answer comes at once.
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {:?}", String::from_utf8_lossy(request)))
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_http_1_0_request_is_answered_on_the_rest_and_admin_ports() {
+    let gw = TestGateway::digits().sample("digits.yaml").start().await;
+    // 20 bytes: fewer than the 24 of an h2 preface, which the listeners used to wait for.
+    let reply = raw_exchange(gw.http, b"GET /v2 HTTP/1.0\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1."), "{reply:?}");
+    assert!(reply.contains("switchyard"), "server metadata: {reply:?}");
+    let reply = raw_exchange(gw.admin, b"GET /metrics HTTP/1.0\r\n\r\n").await;
+    assert!(
+        reply.starts_with("HTTP/1.") && reply.contains(" 200 "),
+        "{reply:?}"
+    );
+}

@@ -321,8 +321,11 @@ async fn run_worker(
             &format!("switchyard {port:?}"),
         );
         let mut options = HttpServerOptions::default();
-        // One port serves HTTP/1.1 and h2c; pingora tells them apart by the h2 preface.
-        options.h2c = true;
+        // The gRPC port speaks h2c (pingora tells it from HTTP/1.1 by the 24-byte h2
+        // preface, and answers HTTP/1.1 with 426). The REST and admin ports speak HTTP/1.x
+        // only: waiting for a preface there left a short HTTP/1.0 request (`GET /v2
+        // HTTP/1.0`, 20 bytes) unanswered forever.
+        options.h2c = matches!(port, proxy::Port::Grpc);
         if let Some(app) = service.app_logic_mut() {
             app.server_options = Some(options);
         }
