@@ -688,6 +688,8 @@ async fn bad_repository_entries_are_refused_with_a_reason_and_the_rest_serves() 
         "name: \"malformed\"\nmax_batch_size: 64\ninput [ { name: \"INPUT__0\" data_type: TYPE_FP33 dims: [ 64 ] } ]\n",
         Some(&linear),
     );
+    // A model folder that is a dangling link aborted the whole start-up.
+    std::os::unix::fs::symlink(r.join("gone"), r.join("dangling")).unwrap();
 
     let mut config = switchyard_backend::BackendConfig::new(r);
     config.repository.max_model_size = 8_000;
@@ -705,7 +707,8 @@ async fn bad_repository_entries_are_refused_with_a_reason_and_the_rest_serves() 
         assert_eq!(rows[0].state, "UNAVAILABLE", "{name}");
         rows[0].reason.clone()
     };
-    let expectations: [(&str, &[&str]); 6] = [
+    let expectations: [(&str, &[&str]); 7] = [
+        ("dangling", &["dangling cannot be read", "No such file"]),
         (
             "pickled",
             &["model.pt", "pickle-based format", "arbitrary code"],
@@ -1095,4 +1098,57 @@ async fn model_control_is_off_by_default_and_needs_the_token_when_on() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_many_requests_keeps_a_bounded_number_in_flight() {
+    // A model whose batches wait a second for company (up to 1024 rows): every request
+    // read from the stream sits in the queue, so the queue depth shows what is in flight.
+    let repo = tempfile::tempdir().unwrap();
+    let model = repo.path().join("patient");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        sample_repo().join("digits_linear/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("config.pbtxt"),
+        "max_batch_size: 1024\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n",
+    )
+    .unwrap();
+    let backend = TestBackend::start(repo.path()).await;
+    let mut client = backend.client().await;
+    let data = holdout();
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let mut r = infer_request("patient", "", &data.features[i % 10..i % 10 + 1]);
+            r.id = i.to_string();
+            r
+        })
+        .collect();
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pending = metric(
+        &backend.metrics_text().await,
+        "nv_inference_pending_request_count",
+        &[("model", "patient")],
+    );
+    assert!(
+        pending > 0.0 && pending <= 64.0,
+        "in flight from one stream: {pending}"
+    );
+    let mut ids = std::collections::HashSet::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert_eq!(answer.error_message, "");
+        ids.insert(answer.infer_response.unwrap().id);
+        if ids.len() == 200 {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 200, "every message answered once");
 }

@@ -40,6 +40,9 @@ pub(crate) struct InferenceService {
     pub(crate) control: Arc<crate::ModelControl>,
 }
 
+/// Messages of one ModelStreamInfer stream that may be in flight at once.
+const STREAM_IN_FLIGHT: usize = 64;
+
 type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send + 'static>>;
 
@@ -229,11 +232,18 @@ impl GrpcInferenceService for InferenceService {
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let service = self.clone();
+        // At most STREAM_IN_FLIGHT messages of one stream run at once: the next is read
+        // only when one finishes, so a client writing faster than the model answers is
+        // held back by h2 flow control instead of growing the queue without bound.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
         tokio::spawn(async move {
             while let Some(next) = inbound.next().await {
                 let Ok(request) = next else { break };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
                 let service = service.clone();
                 let tx = tx.clone();
                 // Requests on one stream run concurrently and answer as they finish,
@@ -254,6 +264,7 @@ impl GrpcInferenceService for InferenceService {
                         },
                     };
                     let _ = tx.send(Ok(response)).await;
+                    drop(permit);
                 });
             }
         });

@@ -126,18 +126,27 @@ impl Repository {
     pub(crate) async fn load_all(self: &Arc<Self>) -> std::io::Result<usize> {
         let _admin = self.admin.lock().await;
         let mut names: Vec<String> = Vec::new();
-        for entry in fs::read_dir(&self.root)? {
-            let entry = entry?;
-            let is_dir = entry.file_type()?.is_dir() || fs::metadata(entry.path())?.is_dir();
-            if is_dir
-                && let Some(name) = entry.file_name().to_str()
-                && !name.starts_with('.')
-            {
-                names.push(name.to_owned());
+        let mut models = HashMap::new();
+        for entry in fs::read_dir(&self.root)?.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            // Follows a symlink; an entry that cannot be read (a dangling link, no
+            // permission) is that model's refusal, not the repository's.
+            match fs::metadata(entry.path()) {
+                Ok(meta) if meta.is_dir() => names.push(name),
+                Ok(_) => {}
+                Err(e) => {
+                    let reason = format!("{} cannot be read: {e}", entry.path().display());
+                    tracing::warn!(model = %name, %reason, "model refused");
+                    models.insert(name, ModelState::Failed { reason });
+                }
             }
         }
         names.sort();
-        let mut models = HashMap::new();
         let mut serving = 0;
         for name in names {
             let this = self.clone();
