@@ -102,3 +102,100 @@ async fn a_short_http_1_0_request_is_answered_on_the_rest_and_admin_ports() {
         "{reply:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_in_flight_a_request_is_refused_at_once_with_retry_after() {
+    // A model whose batches wait a second for company holds one request in flight.
+    let repo = tempfile::tempdir().unwrap();
+    let model = repo.path().join("patient");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        sample_repo().join("digits_linear/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("config.pbtxt"),
+        "max_batch_size: 1024\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n",
+    )
+    .unwrap();
+    let backend = TestBackend::start(repo.path()).await;
+    let gw = TestGateway::start(GatewaySetup {
+        backends: vec![("slow".into(), vec![backend.addr])],
+        policies: vec![(
+            "patient.yaml".into(),
+            "version: 1\nroute: patient\ntargets:\n  a: { backend: slow, model: patient, version: 1 }\ndefault: a\ndeadline: 10s\n".into(),
+        )],
+        extra: "limits: { max_in_flight: 1 }\n".into(),
+    })
+    .await;
+    let mut held = gw.client().await;
+    let first = tokio::spawn(async move {
+        infer_with(
+            &mut held,
+            infer_request("patient", "", &holdout().features[..1]),
+            &[],
+        )
+        .await
+    });
+    // Wait until the first request is in the gateway.
+    for _ in 0..200 {
+        let m = gw.metrics().await;
+        if metric(&m, "switchyard_requests_in_flight", &[("protocol", "grpc")]) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut client = gw.client().await;
+    let status = infer_with(
+        &mut client,
+        infer_request("patient", "", &holdout().features[..1]),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limits.max_in_flight"),
+        "{status:?}"
+    );
+    let r = http(
+        gw.http,
+        "POST",
+        "/v2/models/patient/infer",
+        &[],
+        &rest_infer_body(&holdout().features[..1]),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    first
+        .await
+        .unwrap()
+        .expect("the request in flight is served");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "switchyard_requests_shed_total",
+            &[("protocol", "grpc")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchyard_requests_shed_total",
+            &[("protocol", "rest")]
+        ),
+        1.0
+    );
+    // With the first one answered, the next is admitted.
+    infer_with(
+        &mut client,
+        infer_request("patient", "", &holdout().features[..1]),
+        &[],
+    )
+    .await
+    .expect("admitted once the gateway has room");
+}

@@ -87,12 +87,17 @@ pub struct LimitsConfig {
     pub max_body_bytes: ByteSize,
     /// Deadline for routes that set none. Default 30s.
     pub default_deadline: HumanDuration,
+    /// Requests (REST and gRPC together) the gateway serves at once; beyond it a request
+    /// is refused at once with 429 / RESOURCE_EXHAUSTED and `Retry-After: 1`, and counted
+    /// in `switchyard_requests_shed_total`. Default 10000.
+    pub max_in_flight: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: ByteSize(16 << 20),
+            max_in_flight: 10_000,
             default_deadline: HumanDuration(std::time::Duration::from_secs(30)),
         }
     }

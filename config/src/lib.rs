@@ -154,6 +154,15 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             ));
         }
     }
+    if config.limits.max_in_flight == 0 {
+        problems.push(Diagnostic::new(
+            file,
+            0,
+            0,
+            "limits.max_in_flight",
+            "max_in_flight must be at least 1",
+        ));
+    }
     if config.breaker.consecutive_failures == 0 || config.breaker.half_open_probes == 0 {
         problems.push(Diagnostic::new(
             file,

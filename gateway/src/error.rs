@@ -18,6 +18,11 @@ pub(crate) enum GatewayError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The gateway is serving `limits.max_in_flight` requests already.
+    #[error(
+        "the gateway is serving its limit of {limit} requests at once (limits.max_in_flight); retry shortly"
+    )]
+    Overloaded { limit: u32 },
     /// The body is over `limits.max_body_bytes`.
     #[error("request body exceeds the {limit}-byte limit (limits.max_body_bytes)")]
     BodyTooLarge { limit: u64 },
@@ -74,6 +79,7 @@ impl GatewayError {
             Self::Route(RouteError::PinningDisabled { .. }) => (400, code::FAILED_PRECONDITION),
             Self::BadRequest(_) => (400, code::INVALID_ARGUMENT),
             Self::BodyTooLarge { .. } => (413, code::RESOURCE_EXHAUSTED),
+            Self::Overloaded { .. } => (429, code::RESOURCE_EXHAUSTED),
             Self::Unsupported(_) => (501, code::UNIMPLEMENTED),
             Self::NoTarget { .. } => (503, code::UNAVAILABLE),
             Self::Deadline { .. } => (504, code::DEADLINE_EXCEEDED),

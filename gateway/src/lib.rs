@@ -77,6 +77,15 @@ impl Shared {
         self.ready.load(Ordering::Acquire) && self.snapshot.load().version > 0
     }
 
+    /// Requests being served now, REST and gRPC together.
+    pub(crate) fn total_in_flight(&self) -> i64 {
+        self.metrics
+            .in_flight
+            .iter()
+            .map(prometheus::IntGauge::get)
+            .sum()
+    }
+
     pub(crate) fn in_flight(&self, protocol: metrics::Protocol) -> InFlight {
         let gauge = &self.metrics.in_flight[protocol as usize];
         gauge.inc();
@@ -350,10 +359,5 @@ async fn run_worker(
 }
 
 fn total_in_flight(shared: &Shared) -> i64 {
-    shared
-        .metrics
-        .in_flight
-        .iter()
-        .map(prometheus::IntGauge::get)
-        .sum()
+    shared.total_in_flight()
 }

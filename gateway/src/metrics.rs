@@ -75,6 +75,8 @@ pub struct Metrics {
     pub(crate) policy_version: IntGauge,
     /// By protocol, resolved once.
     pub(crate) in_flight: [IntGauge; 2],
+    /// Requests refused over `limits.max_in_flight`, by protocol.
+    pub(crate) shed: [IntCounter; 2],
     shadow_requests: IntCounterVec,
     shadow_agreement: IntCounterVec,
     shadow_diff: HistogramVec,
@@ -202,6 +204,15 @@ impl Metrics {
                     &r,
                     "switchyard_requests_in_flight",
                     "Requests being served, by protocol",
+                    &["protocol"],
+                );
+                PROTOCOLS.map(|p| v.with_label_values(&[p]))
+            },
+            shed: {
+                let v = counter(
+                    &r,
+                    "switchyard_requests_shed_total",
+                    "Requests refused at once because limits.max_in_flight were being served, by protocol",
                     &["protocol"],
                 );
                 PROTOCOLS.map(|p| v.with_label_values(&[p]))

@@ -30,14 +30,18 @@ const PROTOCOL: Protocol = Protocol::Grpc;
 
 /// Serves one gRPC request to completion.
 pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut RequestCtx) {
-    let (start, snapshot, said) = (ctx.start, &ctx.snapshot, &mut ctx.reply);
     if !session.is_http2() {
         let body = Bytes::from_static(
             b"this port speaks gRPC: HTTP/2 with prior knowledge (h2c); use port 8000 for REST\n",
         );
-        super::respond(session, 426, "text/plain", said, &[], body).await;
+        super::respond(session, 426, "text/plain", &ctx.reply, &[], body).await;
         return;
     }
+    if let Some(e) = ctx.shed(shared) {
+        write_error(session, &ctx.reply, &e).await;
+        return;
+    }
+    let (start, snapshot, said) = (ctx.start, &ctx.snapshot, &mut ctx.reply);
     let result = handle(shared, snapshot, session, start, said).await;
     match result {
         Ok(message) => write_ok(session, said, message).await,

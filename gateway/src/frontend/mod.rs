@@ -29,6 +29,8 @@ pub(crate) struct RequestCtx {
     pub(crate) start: Instant,
     pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) reply: ReplyHeaders,
+    /// Whether the request arrived over `limits.max_in_flight` and is to be refused.
+    pub(crate) shed: bool,
     _in_flight: Option<InFlight>,
 }
 
@@ -37,6 +39,14 @@ impl RequestCtx {
     /// not counted in flight).
     pub(crate) fn new(shared: &Shared, protocol: Option<Protocol>) -> Self {
         let snapshot = shared.snapshot.load_full();
+        let in_flight = protocol.map(|p| shared.in_flight(p));
+        let shed = protocol.is_some_and(|p| {
+            let over = shared.total_in_flight() > i64::from(shared.config.limits.max_in_flight);
+            if over {
+                shared.metrics.shed[p as usize].inc();
+            }
+            over
+        });
         Self {
             start: Instant::now(),
             reply: ReplyHeaders {
@@ -44,7 +54,8 @@ impl RequestCtx {
                 ..ReplyHeaders::default()
             },
             snapshot,
-            _in_flight: protocol.map(|p| shared.in_flight(p)),
+            shed,
+            _in_flight: in_flight,
         }
     }
 }
@@ -63,6 +74,8 @@ pub(crate) struct ReplyHeaders {
     pub(crate) cascade: Option<&'static str>,
     /// `x-switchyard-shadow`: whether a shadow copy was sent or dropped.
     pub(crate) shadow: Option<&'static str>,
+    /// `retry-after` (seconds), when the request was shed.
+    pub(crate) retry_after: Option<&'static str>,
 }
 impl ReplyHeaders {
     pub(crate) fn apply(&self, resp: &mut ResponseHeader) {
@@ -82,11 +95,24 @@ impl ReplyHeaders {
             ("x-switchyard-cache", self.cache),
             ("x-switchyard-cascade", self.cascade),
             ("x-switchyard-shadow", self.shadow),
+            ("retry-after", self.retry_after),
         ] {
             if let Some(v) = value {
                 let _ = resp.insert_header(name, v);
             }
         }
+    }
+}
+
+impl RequestCtx {
+    /// The refusal of a shed request, with `Retry-After` set; `None` when it is admitted.
+    pub(crate) fn shed(&mut self, shared: &Shared) -> Option<GatewayError> {
+        self.shed.then(|| {
+            self.reply.retry_after = Some("1");
+            GatewayError::Overloaded {
+                limit: shared.config.limits.max_in_flight,
+            }
+        })
     }
 }
 

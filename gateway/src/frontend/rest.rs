@@ -71,8 +71,13 @@ fn parse_path(path: &str) -> Option<Call<'_>> {
 
 /// Serves one REST request to completion.
 pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut RequestCtx) {
+    let shed = ctx.shed(shared);
     let (start, snapshot, said) = (ctx.start, &ctx.snapshot, &mut ctx.reply);
-    match handle(shared, snapshot, session, start, said).await {
+    let result = match shed {
+        Some(e) => Err(e),
+        None => handle(shared, snapshot, session, start, said).await,
+    };
+    match result {
         Ok(Reply {
             status,
             content_type,
