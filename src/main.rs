@@ -200,11 +200,7 @@ async fn gateway(args: GatewayArgs) -> Result<()> {
     );
     spawn_sighup_reload(gateway.clone());
     gateway
-        .serve(
-            listeners,
-            shutdown_signal(),
-            std::time::Duration::from_secs(10),
-        )
+        .serve(listeners, shutdown_signal(), config.limits.shutdown_grace.0)
         .await?;
     Ok(())
 }
@@ -273,11 +269,7 @@ async fn up(args: UpArgs) -> Result<()> {
     println!();
     spawn_sighup_reload(gateway.clone());
     gateway
-        .serve(
-            listeners,
-            shutdown_signal(),
-            std::time::Duration::from_secs(10),
-        )
+        .serve(listeners, shutdown_signal(), config.limits.shutdown_grace.0)
         .await?;
     let _ = stop_tx.send(true);
     for t in tasks {

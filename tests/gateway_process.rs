@@ -260,3 +260,76 @@ async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size(
         size >> 20
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_request_in_flight_finish_within_its_deadline() {
+    // A request that takes 3 s on a route whose deadline is 20 s: SIGTERM stops new
+    // connections, and the gateway waits for it (as long as the longest deadline in
+    // force, at most limits.shutdown_grace) before it exits 0.
+    let repo = tempfile::tempdir().unwrap();
+    let model = repo.path().join("patient");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        sample_repo().join("digits_linear/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("config.pbtxt"),
+        "max_batch_size: 1024\ndynamic_batching { max_queue_delay_microseconds: 3000000 }\n",
+    )
+    .unwrap();
+    let backend = TestBackend::start(repo.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/patient.yaml"),
+        "version: 1\nroute: patient\ntargets:\n  a: { backend: slow, model: patient, version: 1 }\ndefault: a\ndeadline: 20s\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  slow: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n", backend.addr),
+    )
+    .unwrap();
+    let mut child = switchyard()
+        .args(["gateway", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("grpc= in {line:?}"))
+        .parse()
+        .unwrap();
+    let mut client = client(grpc).await;
+    let slow = tokio::spawn(async move {
+        client
+            .model_infer(infer_request("patient", "", &holdout().features[..1]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let answer = slow.await.unwrap();
+    assert!(
+        answer.is_ok(),
+        "the request in flight was answered: {answer:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -91,6 +91,9 @@ pub struct LimitsConfig {
     /// is refused at once with 429 / RESOURCE_EXHAUSTED and `Retry-After: 1`, and counted
     /// in `switchyard_requests_shed_total`. Default 10000.
     pub max_in_flight: u32,
+    /// The longest a shutdown waits for requests in flight: it waits as long as the
+    /// longest route deadline in force, at most this. Default 30s (at most 600s).
+    pub shutdown_grace: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -98,6 +101,7 @@ impl Default for LimitsConfig {
         Self {
             max_body_bytes: ByteSize(16 << 20),
             max_in_flight: 10_000,
+            shutdown_grace: HumanDuration(std::time::Duration::from_secs(30)),
             default_deadline: HumanDuration(std::time::Duration::from_secs(30)),
         }
     }

@@ -102,6 +102,11 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             rules::MAX_DEADLINE,
         ),
         (
+            "limits.shutdown_grace",
+            config.limits.shutdown_grace.0,
+            rules::MAX_DEADLINE,
+        ),
+        (
             "breaker.base_ejection",
             config.breaker.base_ejection.0,
             rules::MAX_PERIOD,

@@ -250,8 +250,9 @@ impl Gateway {
         self.shared.reload(trigger).await
     }
 
-    /// Serves on `listeners` until `shutdown` completes, then stops accepting, waits up to
-    /// `drain` for requests in flight, and returns.
+    /// Serves on `listeners` until `shutdown` completes, then stops accepting, waits for
+    /// requests in flight as long as the longest route deadline in force (no request
+    /// can last longer), at most `drain`, and returns.
     pub async fn serve(
         self,
         listeners: Listeners,
@@ -351,6 +352,7 @@ async fn run_worker(
     for s in services {
         let _ = s.await;
     }
+    let drain = drain.min(shared.snapshot.load().longest_deadline);
     let started = tokio::time::Instant::now();
     while total_in_flight(&shared) > 0 && started.elapsed() < drain {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -31,6 +31,8 @@ pub(crate) struct Snapshot {
     pub(crate) route_list: String,
     pub(crate) loaded_at: SystemTime,
     pub(crate) files: Vec<String>,
+    /// The longest deadline of its routes: how long a request it serves can last.
+    pub(crate) longest_deadline: std::time::Duration,
 }
 
 /// A route with its runtime pieces.
@@ -254,6 +256,7 @@ impl Snapshot {
                 route_list
             },
             loaded_at: SystemTime::now(),
+            longest_deadline: table.routes().map(|r| r.deadline).max().unwrap_or_default(),
             files: {
                 let mut files: Vec<String> = table.routes().map(|r| r.file.to_string()).collect();
                 files.sort();
