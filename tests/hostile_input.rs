@@ -84,7 +84,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     // A bound on a hang, not a speed expectation: the answer comes at once.
     tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
         .await
-        .unwrap_or_else(|_| panic!("no answer to {:?}", String::from_utf8_lossy(request)))
+        .unwrap_or_else(|_| panic!("still open, after {:?}", String::from_utf8_lossy(request)))
         .unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }
@@ -198,4 +198,19 @@ async fn beyond_max_in_flight_a_request_is_refused_at_once_with_retry_after() {
     )
     .await
     .expect("admitted once the gateway has room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
+    let gw = TestGateway::digits()
+        .sample("digits.yaml")
+        .extra("limits: { idle_timeout: 300ms }\n")
+        .start()
+        .await;
+    // The h2 client preface and an empty SETTINGS frame, then nothing: an idle client.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let reply = raw_exchange(gw.grpc, &hello).await;
+    // The server's SETTINGS came back, and then the connection closed by itself.
+    assert!(!reply.is_empty());
 }

@@ -94,6 +94,10 @@ pub struct LimitsConfig {
     /// The longest a shutdown waits for requests in flight: it waits as long as the
     /// longest route deadline in force, at most this. Default 30s (at most 600s).
     pub shutdown_grace: HumanDuration,
+    /// An HTTP/2 (gRPC) connection with no request in flight for this long is closed.
+    /// Default 300s (at most an hour). HTTP/1.1 connections close after 60s idle
+    /// between requests (pingora's keep-alive).
+    pub idle_timeout: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -102,6 +106,7 @@ impl Default for LimitsConfig {
             max_body_bytes: ByteSize(16 << 20),
             max_in_flight: 10_000,
             shutdown_grace: HumanDuration(std::time::Duration::from_secs(30)),
+            idle_timeout: HumanDuration(std::time::Duration::from_secs(300)),
             default_deadline: HumanDuration(std::time::Duration::from_secs(30)),
         }
     }

@@ -107,6 +107,11 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             rules::MAX_DEADLINE,
         ),
         (
+            "limits.idle_timeout",
+            config.limits.idle_timeout.0,
+            rules::MAX_PERIOD,
+        ),
+        (
             "breaker.base_ejection",
             config.breaker.base_ejection.0,
             rules::MAX_PERIOD,

@@ -336,6 +336,9 @@ async fn run_worker(
         // only: waiting for a preface there left a short HTTP/1.0 request (`GET /v2
         // HTTP/1.0`, 20 bytes) unanswered forever.
         options.h2c = matches!(port, proxy::Port::Grpc);
+        // An idle h2 connection (no stream in flight) is closed, or idle clients would
+        // hold sockets forever.
+        options.h2_idle_timeout = Some(shared.config.limits.idle_timeout.0);
         if let Some(app) = service.app_logic_mut() {
             app.server_options = Some(options);
         }
