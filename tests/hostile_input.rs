@@ -106,29 +106,7 @@ async fn a_short_http_1_0_request_is_answered_on_the_rest_and_admin_ports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_max_in_flight_a_request_is_refused_at_once_with_retry_after() {
     // A model whose batches wait a second for company holds one request in flight.
-    let repo = tempfile::tempdir().unwrap();
-    let model = repo.path().join("patient");
-    std::fs::create_dir_all(model.join("1")).unwrap();
-    std::fs::copy(
-        sample_repo().join("digits_linear/1/model.onnx"),
-        model.join("1/model.onnx"),
-    )
-    .unwrap();
-    std::fs::write(
-        model.join("config.pbtxt"),
-        "max_batch_size: 1024\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n",
-    )
-    .unwrap();
-    let backend = TestBackend::start(repo.path()).await;
-    let gw = TestGateway::start(GatewaySetup {
-        backends: vec![("slow".into(), vec![backend.addr])],
-        policies: vec![(
-            "patient.yaml".into(),
-            "version: 1\nroute: patient\ntargets:\n  a: { backend: slow, model: patient, version: 1 }\ndefault: a\ndeadline: 10s\n".into(),
-        )],
-        extra: "limits: { max_in_flight: 1 }\n".into(),
-    })
-    .await;
+    let (gw, _backend, _repo) = patient_gateway(1_000_000, "limits: { max_in_flight: 1 }\n").await;
     let mut held = gw.client().await;
     let first = tokio::spawn(async move {
         infer_with(
@@ -213,4 +191,95 @@ async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
     let reply = raw_exchange(gw.grpc, &hello).await;
     // The server's SETTINGS came back, and then the connection closed by itself.
     assert!(!reply.is_empty());
+}
+
+/// A backend whose model holds every request for `delay_us` (its batches wait for
+/// company), and a gateway routing `patient` to it with extra gateway.yaml lines.
+async fn patient_gateway(
+    delay_us: u64,
+    extra: &str,
+) -> (TestGateway, TestBackend, tempfile::TempDir) {
+    let repo = tempfile::tempdir().unwrap();
+    let model = repo.path().join("patient");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        sample_repo().join("digits_linear/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("config.pbtxt"),
+        format!("max_batch_size: 1024\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"),
+    )
+    .unwrap();
+    let backend = TestBackend::start(repo.path()).await;
+    let gw = TestGateway::start(GatewaySetup {
+        backends: vec![("slow".into(), vec![backend.addr])],
+        policies: vec![(
+            "patient.yaml".into(),
+            "version: 1\nroute: patient\ntargets:\n  a: { backend: slow, model: patient, version: 1 }\ndefault: a\ndeadline: 20s\n".into(),
+        )],
+        extra: extra.into(),
+    })
+    .await;
+    (gw, backend, repo)
+}
+
+/// Waits (bounded) until the gateway's in-flight gauge of `protocol` is `want`.
+async fn in_flight_reaches(gw: &TestGateway, protocol: &str, want: f64) -> bool {
+    for _ in 0..300 {
+        let m = gw.metrics().await;
+        if metric(
+            &m,
+            "switchyard_requests_in_flight",
+            &[("protocol", protocol)],
+        ) == want
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_abandons_stops_at_once() {
+    // The model holds requests for 10 s; the clients give up after they are in flight.
+    let (gw, _backend, _repo) = patient_gateway(10_000_000, "").await;
+    let mut client = gw.client().await;
+    let call = tokio::spawn(async move {
+        let _ = infer_with(
+            &mut client,
+            infer_request("patient", "", &holdout().features[..1]),
+            &[],
+        )
+        .await;
+    });
+    assert!(in_flight_reaches(&gw, "grpc", 1.0).await);
+    call.abort(); // tonic resets the h2 stream
+    assert!(
+        in_flight_reaches(&gw, "grpc", 0.0).await,
+        "the gateway stopped working for a client that reset its stream"
+    );
+
+    // REST: the client closes its connection.
+    let rest = tokio::spawn({
+        let addr = gw.http;
+        async move {
+            http(
+                addr,
+                "POST",
+                "/v2/models/patient/infer",
+                &[],
+                &rest_infer_body(&holdout().features[..1]),
+            )
+            .await
+        }
+    });
+    assert!(in_flight_reaches(&gw, "rest", 1.0).await);
+    rest.abort();
+    assert!(
+        in_flight_reaches(&gw, "rest", 0.0).await,
+        "the gateway stopped working for a client that closed its connection"
+    );
 }

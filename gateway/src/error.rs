@@ -18,6 +18,9 @@ pub(crate) enum GatewayError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The client reset the request or closed its connection before the answer.
+    #[error("the client went away before the answer")]
+    ClientGone,
     /// The gateway is serving `limits.max_in_flight` requests already.
     #[error(
         "the gateway is serving its limit of {limit} requests at once (limits.max_in_flight); retry shortly"
@@ -80,6 +83,8 @@ impl GatewayError {
             Self::BadRequest(_) => (400, code::INVALID_ARGUMENT),
             Self::BodyTooLarge { .. } => (413, code::RESOURCE_EXHAUSTED),
             Self::Overloaded { .. } => (429, code::RESOURCE_EXHAUSTED),
+            // Nobody reads it; nginx logs such a request as 499.
+            Self::ClientGone => (499, code::CANCELLED),
             Self::Unsupported(_) => (501, code::UNIMPLEMENTED),
             Self::NoTarget { .. } => (503, code::UNAVAILABLE),
             Self::Deadline { .. } => (504, code::DEADLINE_EXCEEDED),

@@ -16,7 +16,7 @@ use switchyard_proto::inference::{
 };
 use tokio::time::Instant;
 
-use super::{ReplyHeaders, RequestCtx, models, read_body};
+use super::{ReplyHeaders, RequestCtx, models, read_body, unless_client_leaves};
 use crate::Shared;
 use crate::error::GatewayError;
 use crate::grpc::SERVICE;
@@ -74,14 +74,17 @@ async fn handle(
             let deadline = headers
                 .get("grpc-timeout")
                 .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
+            // The inference runs beside a watch on the client's stream, which needs the
+            // session: it reads its own copy of the headers.
+            let headers = headers.clone();
             let request = models::Inference {
-                headers,
+                headers: &headers,
                 message: msg,
                 client_deadline: deadline,
                 protocol: PROTOCOL,
                 start,
             };
-            models::infer(shared, snapshot, request, said).await
+            unless_client_leaves(session, models::infer(shared, snapshot, request, said)).await
         }
         "ServerLive" => Ok(encode(&ServerLiveResponse { live: true })),
         "ServerReady" => Ok(encode(&ServerReadyResponse {

@@ -116,6 +116,21 @@ impl RequestCtx {
     }
 }
 
+/// Runs `work` unless the client leaves first: resets its h2 stream or closes its
+/// connection. Then `work` is dropped, and with it every upstream call it was making (a
+/// shadow copy runs on under its own bound). `work` must not borrow the session.
+pub(crate) async fn unless_client_leaves<T>(
+    session: &mut Session,
+    work: impl std::future::Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    tokio::select! {
+        biased;
+        result = work => result,
+        // The body was read: this returns only when the stream or connection goes away.
+        _ = session.read_body_or_idle(true) => Err(GatewayError::ClientGone),
+    }
+}
+
 /// Reads the whole request body, refusing more than `limit` bytes.
 pub(crate) async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
     if let Some(len) = session

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::{
     ReplyHeaders, RequestCtx, json::parse_request, json::render_response, models, read_body,
-    respond,
+    respond, unless_client_leaves,
 };
 use crate::Shared;
 use crate::error::GatewayError;
@@ -281,7 +281,8 @@ async fn infer(
         protocol: PROTOCOL,
         start,
     };
-    let response = models::infer(shared, snapshot, request, said).await?;
+    let response =
+        unless_client_leaves(session, models::infer(shared, snapshot, request, said)).await?;
     let resp = ModelInferResponse::decode(response).map_err(|e| GatewayError::UpstreamFailed {
         route: route.to_owned(),
         reason: format!("undecodable ModelInferResponse: {e}"),
