@@ -1104,19 +1104,7 @@ async fn model_control_is_off_by_default_and_needs_the_token_when_on() {
 async fn a_stream_of_many_requests_keeps_a_bounded_number_in_flight() {
     // A model whose batches wait a second for company (up to 1024 rows): every request
     // read from the stream sits in the queue, so the queue depth shows what is in flight.
-    let repo = tempfile::tempdir().unwrap();
-    let model = repo.path().join("patient");
-    std::fs::create_dir_all(model.join("1")).unwrap();
-    std::fs::copy(
-        sample_repo().join("digits_linear/1/model.onnx"),
-        model.join("1/model.onnx"),
-    )
-    .unwrap();
-    std::fs::write(
-        model.join("config.pbtxt"),
-        "max_batch_size: 1024\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n",
-    )
-    .unwrap();
+    let repo = patient_repo("patient", 1024, 1_000_000);
     let backend = TestBackend::start(repo.path()).await;
     let mut client = backend.client().await;
     let data = holdout();

@@ -184,6 +184,29 @@ fn explain_says_which_target_and_why() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route 'nope'"));
 }
 
+/// `switchyard gateway --config CONFIG` as a child, and its gRPC address (from the first
+/// line it prints).
+fn gateway_child(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = switchyard()
+        .args(["gateway", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("grpc= in {line:?}"))
+        .parse()
+        .unwrap();
+    (child, grpc)
+}
+
 /// The peak resident memory of a process (`VmHWM`), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -213,23 +236,7 @@ async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size(
         "listen: { http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }\npolicies: policies\nbackends:\n  dead: { endpoints: [\"127.0.0.1:1\"] }\nreload: { watch: false }\nlimits: { max_body_bytes: 32MiB }\n",
     )
     .unwrap();
-    let mut child = switchyard()
-        .args(["gateway", "--config"])
-        .arg(dir.path().join("gateway.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let grpc: std::net::SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("grpc= in {line:?}"))
-        .parse()
-        .unwrap();
+    let (mut child, grpc) = gateway_child(&dir.path().join("gateway.yaml"));
     let before = peak_rss(child.id());
     let size = 16 << 20;
     let mut body = vec![0x0a, 0x06];
@@ -266,19 +273,7 @@ async fn sigterm_lets_a_request_in_flight_finish_within_its_deadline() {
     // A request that takes 3 s on a route whose deadline is 20 s: SIGTERM stops new
     // connections, and the gateway waits for it (as long as the longest deadline in
     // force, at most limits.shutdown_grace) before it exits 0.
-    let repo = tempfile::tempdir().unwrap();
-    let model = repo.path().join("patient");
-    std::fs::create_dir_all(model.join("1")).unwrap();
-    std::fs::copy(
-        sample_repo().join("digits_linear/1/model.onnx"),
-        model.join("1/model.onnx"),
-    )
-    .unwrap();
-    std::fs::write(
-        model.join("config.pbtxt"),
-        "max_batch_size: 1024\ndynamic_batching { max_queue_delay_microseconds: 3000000 }\n",
-    )
-    .unwrap();
+    let repo = patient_repo("patient", 1024, 3_000_000);
     let backend = TestBackend::start(repo.path()).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -292,23 +287,7 @@ async fn sigterm_lets_a_request_in_flight_finish_within_its_deadline() {
         format!("listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  slow: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n", backend.addr),
     )
     .unwrap();
-    let mut child = switchyard()
-        .args(["gateway", "--config"])
-        .arg(dir.path().join("gateway.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let grpc: std::net::SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("grpc= in {line:?}"))
-        .parse()
-        .unwrap();
+    let (mut child, grpc) = gateway_child(&dir.path().join("gateway.yaml"));
     let mut client = client(grpc).await;
     let slow = tokio::spawn(async move {
         client

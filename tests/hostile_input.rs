@@ -199,19 +199,7 @@ async fn patient_gateway(
     delay_us: u64,
     extra: &str,
 ) -> (TestGateway, TestBackend, tempfile::TempDir) {
-    let repo = tempfile::tempdir().unwrap();
-    let model = repo.path().join("patient");
-    std::fs::create_dir_all(model.join("1")).unwrap();
-    std::fs::copy(
-        sample_repo().join("digits_linear/1/model.onnx"),
-        model.join("1/model.onnx"),
-    )
-    .unwrap();
-    std::fs::write(
-        model.join("config.pbtxt"),
-        format!("max_batch_size: 1024\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"),
-    )
-    .unwrap();
+    let repo = patient_repo("patient", 1024, delay_us);
     let backend = TestBackend::start(repo.path()).await;
     let gw = TestGateway::start(GatewaySetup {
         backends: vec![("slow".into(), vec![backend.addr])],

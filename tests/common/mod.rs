@@ -371,3 +371,22 @@ pub fn controlled<T>(message: T) -> tonic::Request<T> {
     );
     req
 }
+
+/// A repository with one model, `name` (the sample linear model), whose batches wait
+/// `delay_us` for company (up to `max_batch` rows): each request is held about that long.
+pub fn patient_repo(name: &str, max_batch: u32, delay_us: u64) -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    let model = repo.path().join(name);
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        sample_repo().join("digits_linear/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("config.pbtxt"),
+        format!("max_batch_size: {max_batch}\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"),
+    )
+    .unwrap();
+    repo
+}
