@@ -16,7 +16,7 @@ use switchyard_proto::inference::{
 };
 use tokio::time::Instant;
 
-use super::{ReplyHeaders, RequestCtx, models, read_body, unless_client_leaves};
+use super::{ReplyHeaders, RequestCtx, client_leaves, models, read_body};
 use crate::Shared;
 use crate::error::GatewayError;
 use crate::grpc::SERVICE;
@@ -84,7 +84,7 @@ async fn handle(
                 protocol: PROTOCOL,
                 start,
             };
-            unless_client_leaves(session, models::infer(shared, snapshot, request, said)).await
+            models::infer(shared, snapshot, request, client_leaves(session), said).await
         }
         "ServerLive" => Ok(encode(&ServerLiveResponse { live: true })),
         "ServerReady" => Ok(encode(&ServerReadyResponse {

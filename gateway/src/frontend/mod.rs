@@ -116,19 +116,10 @@ impl RequestCtx {
     }
 }
 
-/// Runs `work` unless the client leaves first: resets its h2 stream or closes its
-/// connection. Then `work` is dropped, and with it every upstream call it was making (a
-/// shadow copy runs on under its own bound). `work` must not borrow the session.
-pub(crate) async fn unless_client_leaves<T>(
-    session: &mut Session,
-    work: impl std::future::Future<Output = Result<T, GatewayError>>,
-) -> Result<T, GatewayError> {
-    tokio::select! {
-        biased;
-        result = work => result,
-        // The body was read: this returns only when the stream or connection goes away.
-        _ = session.read_body_or_idle(true) => Err(GatewayError::ClientGone),
-    }
+/// Completes when the client leaves: resets its h2 stream or closes its connection. The
+/// body must have been read; until the client goes away this stays pending.
+pub(crate) async fn client_leaves(session: &mut Session) {
+    let _ = session.read_body_or_idle(true).await;
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes.

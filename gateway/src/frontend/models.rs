@@ -27,7 +27,7 @@ use crate::routing::{Decision, PlanId, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{Answer, AnsweredBy, cache, shadow};
 use crate::upstream::ControlError;
-use crate::upstream::attempt::{Deadline, Failure};
+use crate::upstream::attempt::{DEADLINE_SLACK, Deadline, Failure};
 
 /// Budget for metadata-style calls.
 const CONTROL_BUDGET: Duration = Duration::from_secs(5);
@@ -59,10 +59,15 @@ pub(crate) struct Inference<'a> {
 /// takes the same path: decide, start the shadow if one is sampled, run the decision
 /// through the [`Executor`] (a single target is its cheapest case), through the cache
 /// where the route has one, then [`finish`] writes the metrics, headers and trace line.
+///
+/// When `client_left` completes first (the client reset or closed), the run is dropped,
+/// and with it every upstream call it was making (a shadow copy runs on under its own
+/// bound); the request is finished as the deadline passing, if it had, or the client gone.
 pub(crate) async fn infer(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
     request: Inference<'_>,
+    client_left: impl std::future::Future<Output = ()>,
     said: &mut ReplyHeaders,
 ) -> Result<Bytes, GatewayError> {
     let Inference {
@@ -107,9 +112,25 @@ pub(crate) async fn infer(
         deadline,
     );
     let report = start_shadow(&exec, (shared, snapshot, entry), &decision, said);
-    let result = match &entry.cache {
-        None => exec.decided(&decision).await,
-        Some(cache) => cached(&exec, cache, &decision, said).await,
+    let run = async {
+        match &entry.cache {
+            None => exec.decided(&decision).await,
+            Some(cache) => cached(&exec, cache, &decision, said).await,
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        result = run => result,
+        () = client_left => Err(Failure {
+            // A client that gives up at its own deadline (tonic resets the stream when
+            // its grpc-timeout passes) saw the deadline pass.
+            error: if deadline.left(Instant::now()) < DEADLINE_SLACK {
+                deadline.error(&entry.route.name, " (the client stopped waiting)".into())
+            } else {
+                GatewayError::ClientGone
+            },
+            target: decision.target,
+        }),
     };
     finish(entry, Some(&decision), protocol, start, &result, said);
     match result {

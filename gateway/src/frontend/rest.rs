@@ -12,8 +12,8 @@ use switchyard_proto::prost_reflect;
 use tokio::time::Instant;
 
 use super::{
-    ReplyHeaders, RequestCtx, json::parse_request, json::render_response, models, read_body,
-    respond, unless_client_leaves,
+    ReplyHeaders, RequestCtx, client_leaves, json::parse_request, json::render_response, models,
+    read_body, respond,
 };
 use crate::Shared;
 use crate::error::GatewayError;
@@ -281,8 +281,7 @@ async fn infer(
         protocol: PROTOCOL,
         start,
     };
-    let response =
-        unless_client_leaves(session, models::infer(shared, snapshot, request, said)).await?;
+    let response = models::infer(shared, snapshot, request, client_leaves(session), said).await?;
     let resp = ModelInferResponse::decode(response).map_err(|e| GatewayError::UpstreamFailed {
         route: route.to_owned(),
         reason: format!("undecodable ModelInferResponse: {e}"),

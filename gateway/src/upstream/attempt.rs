@@ -26,8 +26,9 @@ use crate::metrics::Attempt;
 use crate::routing::{Decision, TargetId};
 use crate::snapshot::RouteEntry;
 
-/// A backend's timeout this close to the request's deadline is the deadline passing.
-const DEADLINE_SLACK: Duration = Duration::from_millis(5);
+/// A backend's timeout (or a client leaving) this close to the request's deadline is
+/// the deadline passing.
+pub(crate) const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 
 /// What tonic (and so the bundled backend) says when it cannot decode a request message.
 const DECODE_REJECTION: &str = "failed to decode Protobuf message";
