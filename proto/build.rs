@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("file_descriptor_set.bin"), fds.encode_to_vec())?;
 
     let mut builder = tonic_prost_build::configure()
+        // prost's codec behind a check of each message before it decodes: a
+        // `ModelInferRequest` cannot make the decoder allocate more than its size allows.
+        .codec_path("crate::codec::CheckedCodec")
         // RPCs a server does not implement answer UNIMPLEMENTED, as Triton's clients expect.
         .generate_default_stubs(true)
         // Tensor payloads are reference-counted, so forwarding, batching and caching
@@ -36,6 +39,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 r#"#[prost_reflect(file_descriptor_set_bytes = "crate::FILE_DESCRIPTOR_SET_BYTES")]"#,
             );
     }
+    // Every other top-level message takes its bytes as they come.
+    let mut prescan = String::new();
+    for message in pool.all_messages() {
+        if message.parent_message().is_none() && message.name() != "ModelInferRequest" {
+            prescan.push_str(&format!(
+                "impl crate::codec::Prescan for {} {{}}\n",
+                message.name()
+            ));
+        }
+    }
+    fs::write(out.join("prescan.rs"), prescan)?;
     builder.compile_fds(fds)?;
     Ok(())
 }

@@ -99,9 +99,14 @@ struct BackendArgs {
     /// Path of libonnxruntime.so for the onnxruntime runtime (default: $ORT_DYLIB_PATH).
     #[arg(long, value_name = "PATH")]
     onnxruntime_lib: Option<PathBuf>,
-    /// Largest gRPC message accepted or sent (bytes, or with a suffix).
+    /// Largest gRPC request accepted (bytes, or with a suffix): the gateway's default body
+    /// limit (16 MiB) and 64 KiB for the fields it rewrites. A ModelInferRequest that would
+    /// take over 8 × its size + 1 MiB once decoded is refused too (RESOURCE_EXHAUSTED).
+    #[arg(long, alias = "max-message-size", default_value = "16448KiB", value_parser = parse_size)]
+    max_request_size: u64,
+    /// Largest gRPC response sent (bytes, or with a suffix).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    max_message_size: u64,
+    max_response_size: u64,
     /// Who may load and unload models (Triton's --model-control-mode): `none` refuses
     /// RepositoryModelLoad/Unload, `explicit` serves them to callers presenting the token
     /// of --model-control-token-file as `authorization: Bearer <token>`.
@@ -140,8 +145,10 @@ async fn backend(args: BackendArgs) -> Result<()> {
     config.repository.max_model_size = args.max_model_size;
     config.repository.default_runtime = args.runtime;
     config.repository.onnxruntime_lib = args.onnxruntime_lib;
-    config.max_message_size =
-        usize::try_from(args.max_message_size).context("--max-message-size")?;
+    config.max_request_size =
+        usize::try_from(args.max_request_size).context("--max-request-size")?;
+    config.max_response_size =
+        usize::try_from(args.max_response_size).context("--max-response-size")?;
     config.model_control = match (
         args.model_control_mode.as_str(),
         &args.model_control_token_file,

@@ -1,5 +1,5 @@
 //! The `switchyard backend` process: start-up line, graceful shutdown on SIGTERM (in-flight
-//! requests finish, exit status 0).
+//! requests finish, exit status 0), memory bounded by what a request sends.
 
 mod common;
 
@@ -78,4 +78,65 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         tokio::net::TcpStream::connect(grpc).await.is_err(),
         "the listener is closed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_would_decode_to_gigabytes_is_refused_before_decoding() {
+    // 16 MiB of empty `inputs` entries (2 bytes each on the wire, ~300 once prost decodes
+    // them) passed the 64 MiB decode limit and raised the backend's peak by gigabytes.
+    let backend = BackendProcess::start(&sample_repo(), "127.0.0.1:0".parse().unwrap());
+    let before = peak_rss(backend.pid());
+    let size = 16 << 20;
+    let mut body = vec![0x0a, 0x0a];
+    body.extend_from_slice(b"digits_mlp");
+    body.extend(std::iter::repeat_n([0x2a, 0x00], (size - body.len()) / 2).flatten());
+    let mut raw = raw_client(backend.addr).await;
+    raw.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/inference.GRPCInferenceService/ModelInfer",
+    );
+    let status = raw
+        .unary(tonic::Request::new(body), path.clone(), RawCodec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("once decoded"), "{status:?}");
+    let grown = peak_rss(backend.pid()).saturating_sub(before);
+    eprintln!(
+        "backend peak RSS grew by {:.1} MiB for a {} MiB request",
+        grown as f64 / f64::from(1 << 20),
+        size >> 20
+    );
+    assert!(
+        grown < 4 * size as u64 + (32 << 20),
+        "the peak grew by {} MiB for a {} MiB request",
+        grown >> 20,
+        size >> 20
+    );
+
+    // A message prost cannot decode is the sender's fault, not the backend's: `id` sent
+    // as a varint.
+    raw.ready().await.unwrap();
+    let status = raw
+        .unary(
+            tonic::Request::new(vec![0x18, 0x01]),
+            path.clone(),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("ModelInferRequest.id (field 3)"),
+        "{status:?}"
+    );
+
+    // Over the request limit (16 MiB + 64 KiB by default, aligned with the gateway's).
+    let big = [0x3au8, 0x00].repeat(9 << 20);
+    raw.ready().await.unwrap();
+    let status = raw
+        .unary(tonic::Request::new(big), path, RawCodec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
 }

@@ -187,6 +187,18 @@ fn explain_says_which_target_and_why() {
 /// `switchyard gateway --config CONFIG` as a child, and its gRPC address (from the first
 /// line it prints).
 fn gateway_child(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    let (child, addrs) = gateway_child_on(config);
+    (child, addrs["grpc"])
+}
+
+/// `switchyard gateway --config CONFIG` as a child, and its addresses by name (`http`,
+/// `grpc`, `admin`).
+fn gateway_child_on(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::collections::HashMap<String, std::net::SocketAddr>,
+) {
     let mut child = switchyard()
         .args(["gateway", "--config"])
         .arg(config)
@@ -198,32 +210,22 @@ fn gateway_child(config: &std::path::Path) -> (std::process::Child, std::net::So
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let grpc = line
+    let addrs: std::collections::HashMap<_, _> = line
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("grpc= in {line:?}"))
-        .parse()
-        .unwrap();
-    (child, grpc)
-}
-
-/// The peak resident memory of a process (`VmHWM`), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .expect("VmHWM in /proc/PID/status")
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect();
+    assert!(addrs.contains_key("grpc"), "grpc= in {line:?}");
+    (child, addrs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size() {
+async fn sixteen_mebibytes_of_empty_inputs_are_refused_before_anything_decodes_them() {
     // The cache key decoded the whole request: 2 bytes of an empty `inputs` entry became a
-    // few hundred, and 16 MiB of them raised the gateway's peak by gigabytes. The route's
-    // pool is down, so only the gateway's own work counts.
+    // few hundred, and 16 MiB of them raised the gateway's peak by gigabytes. Now the walk
+    // that checks the request adds up what it would take decoded and refuses it at the
+    // edge, so no backend (ours or Triton) is handed it either. The route's pool is down,
+    // so only the gateway's own work counts.
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(
@@ -251,7 +253,8 @@ async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size(
         .unary(tonic::Request::new(body), path, RawCodec)
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("once decoded"), "{status:?}");
     let grown = peak_rss(child.id()).saturating_sub(before);
     let _ = child.kill();
     let _ = child.wait();
@@ -263,6 +266,58 @@ async fn sixteen_mebibytes_of_empty_inputs_cost_a_cached_route_about_their_size(
     assert!(
         grown < 4 * size as u64 + (32 << 20),
         "the peak grew by {} MiB for a {} MiB request",
+        grown >> 20,
+        size >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixteen_mebibyte_json_tensor_costs_the_gateway_a_few_times_its_size() {
+    // The JSON body was parsed into a tree of values (about 40 bytes a number) and then
+    // flattened and converted: roughly 50 times the body at its peak. Now it is parsed
+    // straight into the tensor's bytes, which go out as they are.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/json.yaml"),
+        "version: 1\nroute: json\ntargets:\n  a: { backend: dead, model: digits_mlp, version: 1 }\ndefault: a\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        "listen: { http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }\npolicies: policies\nbackends:\n  dead: { endpoints: [\"127.0.0.1:1\"] }\nreload: { watch: false }\nlimits: { max_body_bytes: 32MiB }\n",
+    )
+    .unwrap();
+    let (mut child, addrs) = gateway_child_on(&dir.path().join("gateway.yaml"));
+    let before = peak_rss(child.id());
+    let size: usize = 16 << 20;
+    let head = r#"{"inputs":[{"name":"INPUT__0","datatype":"FP32","shape":["#;
+    let n = (size - head.len() - 40) / 2;
+    let mut body = format!("{head}{n}],\"data\":[");
+    body.push_str(&"0,".repeat(n - 1));
+    body.push_str("0]}]}");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addrs["http"]).await.unwrap();
+    let request = format!(
+        "POST /v2/models/json/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let grown = peak_rss(child.id()).saturating_sub(before);
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "peak RSS grew by {:.1} MiB for a {} MiB JSON body",
+        grown as f64 / f64::from(1 << 20),
+        size >> 20
+    );
+    assert!(
+        grown < 4 * size as u64 + (32 << 20),
+        "the peak grew by {} MiB for a {} MiB JSON body",
         grown >> 20,
         size >> 20
     );

@@ -61,8 +61,13 @@ pub struct BackendConfig {
     pub model_repository: PathBuf,
     /// How models are loaded.
     pub repository: RepositoryOptions,
-    /// Largest gRPC message accepted or sent, in bytes. Default 64 MiB.
-    pub max_message_size: usize,
+    /// Largest gRPC request message accepted, in bytes. Default
+    /// [`DEFAULT_MAX_REQUEST_SIZE`], the gateway's default body limit with room for the
+    /// fields it rewrites. A `ModelInferRequest` is also refused, RESOURCE_EXHAUSTED, when
+    /// decoding it would take over 8 × its size + 1 MiB (`switchyard_proto::wire`).
+    pub max_request_size: usize,
+    /// Largest gRPC response message sent, in bytes. Default 64 MiB.
+    pub max_response_size: usize,
     /// Who may load and unload models. Default [`ModelControl::None`].
     pub model_control: ModelControl,
 }
@@ -98,18 +103,24 @@ impl BackendConfig {
         Self {
             model_repository: model_repository.into(),
             repository: RepositoryOptions::default(),
-            max_message_size: 64 << 20,
+            max_request_size: DEFAULT_MAX_REQUEST_SIZE,
+            max_response_size: 64 << 20,
             model_control: ModelControl::None,
         }
     }
 }
+
+/// The default request limit: 16 MiB, the gateway's default `limits.max_body_bytes`, and
+/// 64 KiB for the model, version and deadline fields the gateway writes into a request.
+pub const DEFAULT_MAX_REQUEST_SIZE: usize = (16 << 20) + (64 << 10);
 
 /// A backend with its repository loaded, ready to serve.
 #[derive(Debug, Clone)]
 pub struct Backend {
     service: service::InferenceService,
     metrics: Metrics,
-    max_message_size: usize,
+    max_request_size: usize,
+    max_response_size: usize,
 }
 
 impl Backend {
@@ -138,7 +149,8 @@ impl Backend {
                 control: Arc::new(config.model_control.clone()),
             },
             metrics,
-            max_message_size: config.max_message_size,
+            max_request_size: config.max_request_size,
+            max_response_size: config.max_response_size,
         })
     }
 
@@ -187,8 +199,8 @@ impl Backend {
             )
         });
         let svc = GrpcInferenceServiceServer::new(self.service)
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size);
+            .max_decoding_message_size(self.max_request_size)
+            .max_encoding_message_size(self.max_response_size);
         // Small unary RPCs: Nagle's algorithm would add tens of milliseconds.
         let incoming = TcpListenerStream::new(grpc).map(|s| {
             if let Ok(s) = &s {

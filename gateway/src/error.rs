@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use switchyard_proto::wire::WireError;
+
 use crate::grpc::status::code;
 use crate::routing::RouteError;
 
@@ -29,6 +31,9 @@ pub(crate) enum GatewayError {
     /// The body is over `limits.max_body_bytes`.
     #[error("request body exceeds the {limit}-byte limit (limits.max_body_bytes)")]
     BodyTooLarge { limit: u64 },
+    /// Decoding the request would take more memory than its size allows.
+    #[error("{0}")]
+    Amplified(String),
     /// A method or feature the gateway does not serve.
     #[error("{0}")]
     Unsupported(String),
@@ -48,6 +53,15 @@ pub(crate) enum GatewayError {
     /// Calling the backend failed and no retry was possible.
     #[error("route '{route}': upstream failure: {reason}")]
     UpstreamFailed { route: String, reason: String },
+}
+
+impl From<WireError> for GatewayError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Malformed(message) => Self::BadRequest(message),
+            too_large @ WireError::TooLarge { .. } => Self::Amplified(too_large.to_string()),
+        }
+    }
 }
 
 /// What a client sees for an error.
@@ -81,7 +95,7 @@ impl GatewayError {
             Self::Route(RouteError::UnknownVersion { .. }) => (404, code::NOT_FOUND),
             Self::Route(RouteError::PinningDisabled { .. }) => (400, code::FAILED_PRECONDITION),
             Self::BadRequest(_) => (400, code::INVALID_ARGUMENT),
-            Self::BodyTooLarge { .. } => (413, code::RESOURCE_EXHAUSTED),
+            Self::BodyTooLarge { .. } | Self::Amplified(_) => (413, code::RESOURCE_EXHAUSTED),
             Self::Overloaded { .. } => (429, code::RESOURCE_EXHAUSTED),
             // Nobody reads it; nginx logs such a request as 499.
             Self::ClientGone => (499, code::CANCELLED),

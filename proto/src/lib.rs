@@ -5,13 +5,18 @@
 //! # Overview
 //! * [`inference`]: the generated prost messages, the tonic client
 //!   (`grpc_inference_service_client`) and server (`grpc_inference_service_server`).
+//! * [`wire`]: the `ModelInferRequest` walk both sides share: checked as prost would
+//!   decode it, its decoded size bounded by its encoded size, split for forwarding.
+//! * [`codec`]: the codec of the generated client and server, prost's behind that check.
 //! * [`ElementType`]: a tensor element type in its three spellings (protocol string such as
 //!   `"FP32"`, config enum such as `TYPE_FP32`, byte width), shared by backend and gateway.
 //!
 //! Tensor payloads (`raw_input_contents`, `raw_output_contents`) are `bytes::Bytes`, so a
 //! payload moves between requests, batches and caches by reference count, never by copy.
 
+pub mod codec;
 mod element;
+pub mod wire;
 
 pub use element::{ElementType, element_count};
 
@@ -25,6 +30,7 @@ pub use element::{ElementType, element_count};
 )]
 pub mod inference {
     tonic::include_proto!("inference");
+    include!(concat!(env!("OUT_DIR"), "/prescan.rs"));
 }
 
 /// The encoded `FileDescriptorSet` of both protos, for reflection (text format, JSON).

@@ -126,6 +126,18 @@ impl Drop for TestBackend {
     }
 }
 
+/// The peak resident memory of a process (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM in /proc/PID/status")
+}
+
 /// A `switchyard backend` child process, for tests that kill backends for real.
 pub struct BackendProcess {
     pub addr: SocketAddr,
@@ -155,6 +167,11 @@ impl BackendProcess {
             .parse()
             .unwrap();
         Self { addr, child }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: connections drop mid-request, nothing drains.

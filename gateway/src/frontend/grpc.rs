@@ -70,7 +70,7 @@ async fn handle(
     };
     match method {
         "ModelInfer" => {
-            let msg = split_infer_request(&message).map_err(GatewayError::BadRequest)?;
+            let msg = split_infer_request(&message)?;
             let deadline = headers
                 .get("grpc-timeout")
                 .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));

@@ -2,11 +2,13 @@
 //! (`Inference-Header-Content-Length`: a JSON header followed by raw tensor bytes).
 //!
 //! Binary tensors pass through as slices of the request body (no copy); JSON tensor data is
-//! converted to the little-endian bytes the gRPC upstream expects, element count checked
-//! against the shape first.
+//! parsed straight into the little-endian bytes the gRPC upstream expects (no JSON value
+//! tree, so a tensor costs about its JSON text and its bytes), the element count checked
+//! against the shape as it goes.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use switchyard_proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse,
@@ -16,25 +18,28 @@ use switchyard_proto::inference::{
 use switchyard_proto::{ElementType, element_count};
 
 #[derive(Debug, Deserialize)]
-struct RequestJson {
+struct RequestJson<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Map<String, Value>,
-    inputs: Vec<InputJson>,
+    #[serde(borrow)]
+    inputs: Vec<InputJson<'a>>,
     #[serde(default)]
     outputs: Vec<OutputJson>,
 }
 
 #[derive(Debug, Deserialize)]
-struct InputJson {
+struct InputJson<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: Map<String, Value>,
-    #[serde(default)]
-    data: Option<Value>,
+    /// The tensor's JSON text as the body holds it, parsed once its datatype is known
+    /// (`tensor_bytes`); `null` is no data.
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,7 +74,7 @@ pub(crate) fn parse_request(
             body.len()
         ));
     }
-    let req: RequestJson = serde_json::from_slice(&body[..json_len])
+    let req: RequestJson<'_> = serde_json::from_slice(&body[..json_len])
         .map_err(|e| format!("invalid inference request JSON: {e}"))?;
     let mut binary = body.slice(json_len..);
     let mut out = ModelInferRequest {
@@ -183,29 +188,78 @@ fn parameter(key: &str, v: &Value) -> Result<InferParameter, String> {
     })
 }
 
-/// Flattens (possibly nested) JSON `data` into little-endian bytes of `element`.
+/// Parses JSON `data` (possibly nested arrays) straight into the little-endian bytes of
+/// `element`: one pass over the text the body holds, no JSON value built, the buffer sized
+/// by what the text can hold, and the element count checked against the shape as it goes.
 fn tensor_bytes(
     name: &str,
     element: ElementType,
     count: usize,
-    data: &Value,
+    data: &RawValue,
 ) -> Result<Bytes, String> {
-    let mut flat = Vec::with_capacity(count.min(1 << 20));
-    flatten(data, &mut flat, 0).map_err(|e| format!("input '{name}': {e}"))?;
-    if flat.len() != count {
+    let text = data.get();
+    // Every element takes at least one byte of JSON text, so the text bounds the buffer
+    // whatever the shape claims.
+    let width = element.byte_size().unwrap_or(8);
+    let mut sink = Elements {
+        element,
+        count,
+        seen: 0,
+        out: BytesMut::with_capacity(count.min(text.len()).saturating_mul(width)),
+        depth: 0,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(&mut sink, &mut de)
+        .map_err(|e| format!("input '{name}': {}", tidy(&e)))?;
+    if sink.seen != count {
         return Err(format!(
             "input '{name}': the shape holds {count} elements but data has {}",
-            flat.len()
+            sink.seen
         ));
     }
-    let mut out = BytesMut::with_capacity(count * element.byte_size().unwrap_or(8));
-    for (i, v) in flat.iter().enumerate() {
-        let bad = || format!("input '{name}': element {i} ({v}) is not a valid {element}");
-        let int = || v.as_i64().ok_or_else(bad);
-        let uint = || v.as_u64().ok_or_else(bad);
-        let float = || v.as_f64().ok_or_else(bad);
+    Ok(sink.out.freeze())
+}
+
+/// serde_json's message without its position in the `data` text alone.
+fn tidy(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) if e.is_data() => s[..i].to_owned(),
+        _ => s,
+    }
+}
+
+/// Where JSON tensor elements go, in order, as they are parsed.
+struct Elements {
+    element: ElementType,
+    /// Elements the shape holds; one more is an error before it is stored.
+    count: usize,
+    seen: usize,
+    out: BytesMut,
+    depth: usize,
+}
+
+impl Elements {
+    fn push<E: serde::de::Error>(&mut self, v: Leaf<'_>) -> Result<(), E> {
+        let i = self.seen;
+        if i == self.count {
+            return Err(E::custom(format_args!(
+                "the shape holds {} elements but data has more",
+                self.count
+            )));
+        }
+        self.seen += 1;
+        let element = self.element;
+        let bad = || E::custom(format_args!("element {i} ({v}) is not a valid {element}"));
+        let int = || v.int().ok_or_else(bad);
+        let uint = || v.uint().ok_or_else(bad);
+        let float = || v.float().ok_or_else(bad);
+        let out = &mut self.out;
         match element {
-            ElementType::Bool => out.put_u8(u8::from(v.as_bool().ok_or_else(bad)?)),
+            ElementType::Bool => match v {
+                Leaf::Bool(b) => out.put_u8(u8::from(b)),
+                _ => return Err(bad()),
+            },
             ElementType::Int8 => out.put_i8(i8::try_from(int()?).map_err(|_| bad())?),
             ElementType::Int16 => out.put_i16_le(i16::try_from(int()?).map_err(|_| bad())?),
             ElementType::Int32 => out.put_i32_le(i32::try_from(int()?).map_err(|_| bad())?),
@@ -218,26 +272,116 @@ fn tensor_bytes(
             ElementType::Bf16 => out.put_u16_le(half::bf16::from_f64(float()?).to_bits()),
             ElementType::Fp32 => out.put_f32_le(float()? as f32),
             ElementType::Fp64 => out.put_f64_le(float()?),
-            ElementType::Bytes => {
-                let s = v.as_str().ok_or_else(bad)?;
-                out.put_u32_le(s.len() as u32);
-                out.put_slice(s.as_bytes());
-            }
+            ElementType::Bytes => match v {
+                Leaf::Str(s) => {
+                    let len = u32::try_from(s.len()).map_err(|_| bad())?;
+                    out.put_u32_le(len);
+                    out.put_slice(s.as_bytes());
+                }
+                _ => return Err(bad()),
+            },
         }
+        Ok(())
     }
-    Ok(out.freeze())
 }
 
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(), String> {
-    if depth > 32 {
-        return Err("data is nested more than 32 levels deep".to_owned());
-    }
-    match v {
-        Value::Array(items) => items.iter().try_for_each(|i| flatten(i, out, depth + 1)),
-        other => {
-            out.push(other);
-            Ok(())
+/// One JSON scalar of tensor data.
+#[derive(Clone, Copy)]
+enum Leaf<'a> {
+    Bool(bool),
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Str(&'a str),
+}
+
+impl Leaf<'_> {
+    fn int(self) -> Option<i64> {
+        match self {
+            Leaf::Int(i) => Some(i),
+            Leaf::Uint(u) => i64::try_from(u).ok(),
+            _ => None,
         }
+    }
+
+    fn uint(self) -> Option<u64> {
+        match self {
+            Leaf::Int(i) => u64::try_from(i).ok(),
+            Leaf::Uint(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    fn float(self) -> Option<f64> {
+        match self {
+            Leaf::Int(i) => Some(i as f64),
+            Leaf::Uint(u) => Some(u as f64),
+            Leaf::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Leaf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Leaf::Bool(b) => write!(f, "{b}"),
+            Leaf::Int(i) => write!(f, "{i}"),
+            Leaf::Uint(u) => write!(f, "{u}"),
+            Leaf::Float(x) => write!(f, "{x}"),
+            Leaf::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// Nested arrays deeper than this are refused (a shape has at most a handful of dims).
+const MAX_DATA_DEPTH: usize = 32;
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Elements {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Elements {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} elements, or arrays of them", self.element)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(Leaf::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(Leaf::Int(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(Leaf::Uint(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(Leaf::Float(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(Leaf::Str(v))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth == MAX_DATA_DEPTH {
+            return Err(serde::de::Error::custom(format_args!(
+                "data is nested more than {MAX_DATA_DEPTH} levels deep"
+            )));
+        }
+        self.depth += 1;
+        while seq.next_element_seed(&mut *self)?.is_some() {}
+        self.depth -= 1;
+        Ok(())
     }
 }
 
@@ -392,10 +536,51 @@ mod tests {
                 None,
                 "is not a shape",
             ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2,3]}]}"#,
+                None,
+                "input 'x': the shape holds 2 elements but data has more",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[2],"datatype":"BOOL","data":[true,1]}]}"#,
+                None,
+                "input 'x': element 1 (1) is not a valid BOOL",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[{"a":1}]}]}"#,
+                None,
+                "input 'x': invalid type: map, expected FP32 elements, or arrays of them",
+            ),
+            (
+                &format!(
+                    r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":{}1{}}}]}}"#,
+                    "[".repeat(40),
+                    "]".repeat(40)
+                ),
+                None,
+                "data is nested more than 32 levels deep",
+            ),
         ] {
-            let err = parse_request(&Bytes::from(body), len).unwrap_err();
+            let err = parse_request(&Bytes::from(body.to_owned()), len).unwrap_err();
             assert!(err.contains(words), "{err:?} lacks {words:?}");
         }
+    }
+
+    #[test]
+    fn a_shape_bigger_than_its_data_costs_only_the_data() {
+        // The shape claims 2^40 FP32 elements; the buffer is sized by the text, and the
+        // count is refused once the data ends.
+        let body =
+            r#"{"inputs":[{"name":"x","shape":[1099511627776],"datatype":"FP32","data":[1,2]}]}"#;
+        let err = parse_request(&Bytes::from(body), None).unwrap_err();
+        assert!(
+            err.contains("holds 1099511627776 elements but data has 2"),
+            "{err}"
+        );
+        // Strings of BYTES tensors keep their length prefix.
+        let body = r#"{"inputs":[{"name":"s","shape":[2],"datatype":"BYTES","data":["ab",""]}]}"#;
+        let (req, _) = parse_request(&Bytes::from(body), None).unwrap();
+        assert_eq!(&req.raw_input_contents[0][..], b"\x02\0\0\0ab\0\0\0\0");
     }
 
     #[test]

@@ -271,8 +271,11 @@ async fn infer(
         parse_request(&body, header_len).map_err(GatewayError::BadRequest)?;
     req.model_name = route.to_owned();
     req.model_version = version.to_owned();
-    let message =
-        split_infer_request(&Bytes::from(req.encode_to_vec())).map_err(GatewayError::BadRequest)?;
+    // The tensors go out as the chunks they already are, after the rest of the message:
+    // encoding them into one buffer would copy every byte once more.
+    let tensors = std::mem::take(&mut req.raw_input_contents);
+    let mut message = split_infer_request(&Bytes::from(req.encode_to_vec()))?;
+    message.tensors = tensors;
     let headers = session.req_header().headers.clone();
     let request = models::Inference {
         headers: &headers,

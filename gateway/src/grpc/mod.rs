@@ -3,7 +3,7 @@
 //! without decoding its tensors (`infer`), and the method paths of Triton's service.
 
 pub(crate) mod frame;
-pub(crate) mod infer;
+pub(crate) use switchyard_proto::wire as infer;
 pub(crate) mod status;
 
 /// The service's path prefix.

@@ -1,43 +1,155 @@
-//! Just enough protobuf to route a `ModelInferRequest` without decoding its tensors: read
-//! `model_name` (field 1), `model_version` (field 2) and a `timeout` parameter (field 4),
-//! and split the message into the bytes to forward without fields 1 and 2. Forwarding then
-//! prepends the target's fields and appends the deadline parameter; protobuf merges
-//! repeated and map fields and lets the last scalar win, so no byte of the tensors moves.
+//! Just enough protobuf to route a `ModelInferRequest` without decoding its tensors, and
+//! to bound what decoding it would cost before anything decodes it. The gateway and the
+//! backend share it.
+//!
+//! [`split_infer_request`] reads `model_name` (field 1), `model_version` (field 2) and a
+//! `timeout` parameter (field 4), and splits the message into the bytes to forward without
+//! fields 1 and 2. Forwarding then prepends the target's fields and appends the deadline
+//! parameter; protobuf merges repeated and map fields and lets the last scalar win, so no
+//! byte of the tensors moves.
 //!
 //! The same pass checks the whole message the way the backend's decoder (prost, via
-//! tonic) will, so a request the backend could not decode is the client's fault here, a
-//! 400 / INVALID_ARGUMENT naming the field, and never an INTERNAL from the backend that
-//! would count against it. The check walks every field of every nested message once,
-//! without allocating and without decoding a tensor: wire types against the schema,
-//! varints (at most 10 bytes, a 10th byte of 0 or 1), lengths within the enclosing
-//! message, UTF-8 of strings, packed repeated numbers (varints whole, fixed widths a
-//! multiple of 4 or 8), and unknown fields skipped as prost skips them, groups included,
-//! within prost's recursion limit of 100.
+//! tonic) will, so a request the backend could not decode is the client's fault, an
+//! INVALID_ARGUMENT naming the field, and never an INTERNAL that would count against a
+//! backend. The check walks every field of every nested message once, without allocating
+//! and without decoding a tensor: wire types against the schema, varints (at most 10
+//! bytes, a 10th byte of 0 or 1), lengths within the enclosing message, UTF-8 of strings,
+//! packed repeated numbers (varints whole, fixed widths a multiple of 4 or 8), and unknown
+//! fields skipped as prost skips them, groups included, within prost's recursion limit of
+//! 100.
+//!
+//! It also adds up what prost would allocate ([`Footprint`]): every message and map entry
+//! at its in-memory size, every string and byte field at its length, every element of a
+//! repeated number at its width. Protobuf lets a few wire bytes stand for hundreds of
+//! decoded ones (an empty `inputs` entry is 2 bytes on the wire and about 300 in memory),
+//! so a request whose decoded size would exceed [`decoded_limit`] of its encoded size is
+//! refused, RESOURCE_EXHAUSTED, before anything is decoded ([`check_infer_request`]).
 
 use std::fmt;
+use std::mem::size_of;
+use std::ops::Range;
 
+use crate::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use crate::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use bytes::Bytes;
 use prost::Message;
-use switchyard_proto::inference::{
-    InferParameter, ModelInferRequest, infer_parameter::ParameterChoice,
-};
+
+/// How many times its encoded size a request may take once decoded: 8, the widest
+/// honest expansion (a packed `int64` of small values is 1 byte a value on the wire and 8
+/// in memory).
+pub const DECODE_EXPANSION: usize = 8;
+
+/// What a request may take once decoded beyond [`DECODE_EXPANSION`] times its size, so a
+/// small request with a few tensors and parameters is never refused: 1 MiB.
+pub const DECODE_ALLOWANCE: usize = 1 << 20;
+
+/// The most bytes a `len`-byte request may take once decoded.
+pub fn decoded_limit(len: usize) -> usize {
+    len.saturating_mul(DECODE_EXPANSION)
+        .saturating_add(DECODE_ALLOWANCE)
+}
+
+/// Why a `ModelInferRequest` is refused before it is decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// prost would fail to decode it; the message names the field.
+    #[error("{0}")]
+    Malformed(String),
+    /// Decoding it would take more memory than [`decoded_limit`] allows.
+    #[error(
+        "ModelInferRequest of {len} bytes would take about {decoded} bytes once decoded, over the \
+         limit of {limit} ({DECODE_EXPANSION} × its size + {DECODE_ALLOWANCE} bytes); send \
+         tensors in raw_input_contents"
+    )]
+    TooLarge {
+        /// The encoded size.
+        len: usize,
+        /// What decoding it would take.
+        decoded: usize,
+        /// What it may take, [`decoded_limit`] of `len`.
+        limit: usize,
+    },
+}
+
+impl From<String> for WireError {
+    fn from(message: String) -> Self {
+        Self::Malformed(message)
+    }
+}
 
 /// A `ModelInferRequest` as the gateway forwards it.
 #[derive(Debug, Clone)]
-pub(crate) struct InferMessage {
-    pub(crate) model_name: String,
-    pub(crate) model_version: String,
+pub struct InferMessage {
+    /// Field 1, the route (or model) the client named.
+    pub model_name: String,
+    /// Field 2, the version the client pinned, `""` for none.
+    pub model_version: String,
     /// The client's own `timeout` parameter (µs), if it set one.
-    pub(crate) timeout_us: Option<u64>,
-    /// The message without fields 1 and 2, as slices of the received bytes.
-    pub(crate) rest: Vec<Bytes>,
+    pub timeout_us: Option<u64>,
+    /// The message without fields 1 and 2, as slices of the received bytes: whole fields
+    /// each.
+    pub rest: Vec<Bytes>,
+    /// More `raw_input_contents` (field 7), after `rest`: the tensors of a request that
+    /// was not protobuf to begin with (REST), sent as they are, never copied into one
+    /// buffer.
+    pub tensors: Vec<Bytes>,
+}
+
+/// What prost would allocate to decode a message, in bytes: an estimate from the wire,
+/// counting every message, map entry, string, byte field and repeated element (see the
+/// module's documentation), not the growth slack of vectors and maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Footprint(pub usize);
+
+impl Footprint {
+    fn add(&mut self, n: usize) {
+        self.0 = self.0.saturating_add(n);
+    }
+}
+
+/// What one walk of a `ModelInferRequest` read.
+struct Walked<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    timeout_us: Option<u64>,
 }
 
 /// Splits an encoded `ModelInferRequest`, checking all of it as prost would decode it:
-/// `Ok` exactly when `ModelInferRequest::decode` would succeed. Errors name the field, as
-/// in `ModelInferRequest.inputs[2].shape (field 3): packed varints are truncated or
+/// `Ok` exactly when `ModelInferRequest::decode` would succeed and its decoded size is
+/// within [`decoded_limit`]. Errors name the field, as in
+/// `ModelInferRequest.inputs[2].shape (field 3): packed varints are truncated or
 /// over-long`.
-pub(crate) fn split_infer_request(msg: &Bytes) -> Result<InferMessage, String> {
+pub fn split_infer_request(msg: &Bytes) -> Result<InferMessage, WireError> {
+    let mut rest = Vec::new();
+    let walked = walk(msg, |r| rest.push(msg.slice(r)))?;
+    Ok(InferMessage {
+        model_name: walked.model_name.to_owned(),
+        model_version: walked.model_version.to_owned(),
+        timeout_us: walked.timeout_us,
+        rest,
+        tensors: Vec::new(),
+    })
+}
+
+/// Checks an encoded `ModelInferRequest` as [`split_infer_request`] does, for a decoder
+/// about to decode it; returns its decoded size.
+pub fn check_infer_request(msg: &[u8]) -> Result<Footprint, WireError> {
+    let mut size = Footprint::default();
+    walk_sized(msg, |_| {}, &mut size)?;
+    Ok(size)
+}
+
+fn walk(msg: &[u8], keep: impl FnMut(Range<usize>)) -> Result<Walked<'_>, WireError> {
+    walk_sized(msg, keep, &mut Footprint::default())
+}
+
+/// The one walk: checks every field, hands `keep` the ranges outside fields 1 and 2, adds
+/// the decoded size to `size` and refuses a message over its limit.
+fn walk_sized<'a>(
+    msg: &'a [u8],
+    mut keep: impl FnMut(Range<usize>),
+    size: &mut Footprint,
+) -> Result<Walked<'a>, WireError> {
     const NAMES: &[&str] = &[
         "model_name",
         "model_version",
@@ -49,12 +161,12 @@ pub(crate) fn split_infer_request(msg: &Bytes) -> Result<InferMessage, String> {
     ];
     let path = Path::Root;
     let budget = RECURSION_LIMIT;
-    let mut out = InferMessage {
-        model_name: String::new(),
-        model_version: String::new(),
+    let mut out = Walked {
+        model_name: "",
+        model_version: "",
         timeout_us: None,
-        rest: Vec::new(),
     };
+    size.add(size_of::<ModelInferRequest>());
     let (mut parameters, mut inputs, mut outputs) = (0, 0, 0);
     let mut keep_from = 0;
     let mut c = Cursor::new(msg);
@@ -64,22 +176,29 @@ pub(crate) fn split_infer_request(msg: &Bytes) -> Result<InferMessage, String> {
         let here = |p| fail(&path, named(NAMES, Some(tag)), p);
         match tag {
             1 | 2 => {
-                let text = string(&mut c, wire).map_err(here)?.to_owned();
+                let text = string(&mut c, wire).map_err(here)?;
+                size.add(text.len());
                 if tag == 1 {
                     out.model_name = text;
                 } else {
                     out.model_version = text;
                 }
                 if keep_from < field_start {
-                    out.rest.push(msg.slice(keep_from..field_start));
+                    keep(keep_from..field_start);
                 }
                 keep_from = c.at;
             }
             3 => {
-                string(&mut c, wire).map_err(here)?;
+                size.add(string(&mut c, wire).map_err(here)?.len());
             }
             4 => {
-                let entry = map_entry(&mut c, wire, budget, &path, tag, "parameters", parameters)?;
+                let entry = map_entry(
+                    &mut c,
+                    wire,
+                    budget,
+                    (&path, tag, "parameters", parameters),
+                    size,
+                )?;
                 parameters += 1;
                 if entry.key == "timeout" {
                     out.timeout_us = match entry.choice {
@@ -94,23 +213,34 @@ pub(crate) fn split_infer_request(msg: &Bytes) -> Result<InferMessage, String> {
                 inputs += 1;
                 let m = message(&mut c, wire, budget, "an InferInputTensor")
                     .map_err(|p| fail(&item, Some((tag, "")), p))?;
-                check_input(m, budget - 1, &item)?;
+                size.add(size_of::<InferInputTensor>());
+                check_input(m, budget - 1, &item, size)?;
             }
             6 => {
                 let item = Path::Item(&path, "outputs", outputs);
                 outputs += 1;
                 let m = message(&mut c, wire, budget, "an InferRequestedOutputTensor")
                     .map_err(|p| fail(&item, Some((tag, "")), p))?;
-                check_output(m, budget - 1, &item)?;
+                size.add(size_of::<InferRequestedOutputTensor>());
+                check_output(m, budget - 1, &item, size)?;
             }
             7 => {
-                bytes(&mut c, wire).map_err(here)?;
+                let raw = bytes(&mut c, wire).map_err(here)?;
+                size.add(size_of::<Bytes>() + raw.len());
             }
             _ => skip(&mut c, tag, wire, budget).map_err(here)?,
         }
     }
     if keep_from < msg.len() {
-        out.rest.push(msg.slice(keep_from..));
+        keep(keep_from..msg.len());
+    }
+    let limit = decoded_limit(msg.len());
+    if size.0 > limit {
+        return Err(WireError::TooLarge {
+            len: msg.len(),
+            decoded: size.0,
+            limit,
+        });
     }
     Ok(out)
 }
@@ -118,7 +248,7 @@ pub(crate) fn split_infer_request(msg: &Bytes) -> Result<InferMessage, String> {
 impl InferMessage {
     /// The chunks to send to a target: its model and version, the client's fields, then the
     /// deadline as Triton's `timeout` parameter (µs), which wins over an earlier one.
-    pub(crate) fn chunks(&self, model: &str, version: &str, timeout_us: u64) -> Vec<Bytes> {
+    pub fn chunks(&self, model: &str, version: &str, timeout_us: u64) -> Vec<Bytes> {
         let head = ModelInferRequest {
             model_name: model.to_owned(),
             model_version: version.to_owned(),
@@ -134,18 +264,35 @@ impl InferMessage {
                 )),
             },
         );
-        let mut chunks = Vec::with_capacity(self.rest.len() + 2);
+        let mut chunks = Vec::with_capacity(self.rest.len() + 2 * self.tensors.len() + 2);
         chunks.push(Bytes::from(head.encode_to_vec()));
         chunks.extend(self.rest.iter().cloned());
+        for tensor in &self.tensors {
+            chunks.push(raw_input_key(tensor.len()));
+            chunks.push(tensor.clone());
+        }
         chunks.push(Bytes::from(tail.encode_to_vec()));
         chunks
     }
+}
+
+/// The key and length that precede a `raw_input_contents` entry (field 7) of `len` bytes,
+/// to send a tensor as a chunk of its own after the rest of a message.
+fn raw_input_key(len: usize) -> Bytes {
+    let mut b = Vec::with_capacity(11);
+    prost::encoding::encode_key(7, prost::encoding::WireType::LengthDelimited, &mut b);
+    prost::encoding::encode_varint(len as u64, &mut b);
+    Bytes::from(b)
 }
 
 /// prost's `RECURSION_LIMIT`: the nesting budget of the fields of the outermost message.
 /// A nested message, a map entry and a skipped group each take one from it, and a field
 /// met with none left is an error, so only unknown groups nested ~100 deep can reach it.
 const RECURSION_LIMIT: u32 = 100;
+
+/// What one entry of a `map<string, InferParameter>` takes in a `HashMap`: the pair and a
+/// control byte, with the table's slack for its load factor.
+const MAP_ENTRY: usize = size_of::<(String, InferParameter)>() * 8 / 7 + 1;
 
 /// `InferParameter`'s oneof tags the `timeout` parameter reads.
 const INT64_PARAM: u32 = 2;
@@ -159,7 +306,12 @@ const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
 
 /// Checks a `ModelInferRequest.InferInputTensor`.
-fn check_input(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> {
+fn check_input(
+    buf: &[u8],
+    budget: u32,
+    path: &Path<'_>,
+    size: &mut Footprint,
+) -> Result<(), String> {
     const NAMES: &[&str] = &["name", "datatype", "shape", "parameters", "contents"];
     let mut parameters = 0;
     let mut c = Cursor::new(buf);
@@ -168,16 +320,22 @@ fn check_input(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> {
         let here = |p| fail(path, named(NAMES, Some(tag)), p);
         match tag {
             1 | 2 => {
-                string(&mut c, wire).map_err(here)?;
+                size.add(string(&mut c, wire).map_err(here)?.len());
             }
-            3 => repeated_varint(&mut c, wire, "an int64").map_err(here)?,
+            3 => size.add(8 * repeated_varint(&mut c, wire, "an int64").map_err(here)?),
             4 => {
-                map_entry(&mut c, wire, budget, path, tag, "parameters", parameters)?;
+                map_entry(
+                    &mut c,
+                    wire,
+                    budget,
+                    (path, tag, "parameters", parameters),
+                    size,
+                )?;
                 parameters += 1;
             }
             5 => {
                 let m = message(&mut c, wire, budget, "an InferTensorContents").map_err(here)?;
-                check_contents(m, budget - 1, &Path::Field(path, "contents"))?;
+                check_contents(m, budget - 1, &Path::Field(path, "contents"), size)?;
             }
             _ => skip(&mut c, tag, wire, budget).map_err(here)?,
         }
@@ -186,7 +344,12 @@ fn check_input(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> {
 }
 
 /// Checks a `ModelInferRequest.InferRequestedOutputTensor`.
-fn check_output(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> {
+fn check_output(
+    buf: &[u8],
+    budget: u32,
+    path: &Path<'_>,
+    size: &mut Footprint,
+) -> Result<(), String> {
     const NAMES: &[&str] = &["name", "parameters"];
     let mut parameters = 0;
     let mut c = Cursor::new(buf);
@@ -195,10 +358,16 @@ fn check_output(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> 
         let here = |p| fail(path, named(NAMES, Some(tag)), p);
         match tag {
             1 => {
-                string(&mut c, wire).map_err(here)?;
+                size.add(string(&mut c, wire).map_err(here)?.len());
             }
             2 => {
-                map_entry(&mut c, wire, budget, path, tag, "parameters", parameters)?;
+                map_entry(
+                    &mut c,
+                    wire,
+                    budget,
+                    (path, tag, "parameters", parameters),
+                    size,
+                )?;
                 parameters += 1;
             }
             _ => skip(&mut c, tag, wire, budget).map_err(here)?,
@@ -208,7 +377,12 @@ fn check_output(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> 
 }
 
 /// Checks an `InferTensorContents`: every element's encoding, none of them decoded.
-fn check_contents(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String> {
+fn check_contents(
+    buf: &[u8],
+    budget: u32,
+    path: &Path<'_>,
+    size: &mut Footprint,
+) -> Result<(), String> {
     const NAMES: &[&str] = &[
         "bool_contents",
         "int_contents",
@@ -224,15 +398,16 @@ fn check_contents(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<(), String
         let (tag, wire) = c.field(path, NAMES)?;
         let here = |p| fail(path, named(NAMES, Some(tag)), p);
         match tag {
-            1 => repeated_varint(&mut c, wire, "a bool").map_err(here)?,
-            2 => repeated_varint(&mut c, wire, "an int32").map_err(here)?,
-            3 => repeated_varint(&mut c, wire, "an int64").map_err(here)?,
-            4 => repeated_varint(&mut c, wire, "a uint32").map_err(here)?,
-            5 => repeated_varint(&mut c, wire, "a uint64").map_err(here)?,
-            6 => repeated_fixed(&mut c, wire, FIXED32, "a float").map_err(here)?,
-            7 => repeated_fixed(&mut c, wire, FIXED64, "a double").map_err(here)?,
+            1 => size.add(repeated_varint(&mut c, wire, "a bool").map_err(here)?),
+            2 => size.add(4 * repeated_varint(&mut c, wire, "an int32").map_err(here)?),
+            3 => size.add(8 * repeated_varint(&mut c, wire, "an int64").map_err(here)?),
+            4 => size.add(4 * repeated_varint(&mut c, wire, "a uint32").map_err(here)?),
+            5 => size.add(8 * repeated_varint(&mut c, wire, "a uint64").map_err(here)?),
+            6 => size.add(4 * repeated_fixed(&mut c, wire, FIXED32, "a float").map_err(here)?),
+            7 => size.add(8 * repeated_fixed(&mut c, wire, FIXED64, "a double").map_err(here)?),
             8 => {
-                bytes(&mut c, wire).map_err(here)?;
+                let b = bytes(&mut c, wire).map_err(here)?;
+                size.add(size_of::<Vec<u8>>() + b.len());
             }
             _ => skip(&mut c, tag, wire, budget).map_err(here)?,
         }
@@ -255,16 +430,15 @@ fn map_entry<'a>(
     c: &mut Cursor<'a>,
     wire: u8,
     budget: u32,
-    parent: &Path<'_>,
-    tag: u32,
-    name: &'static str,
-    index: usize,
+    (parent, tag, name, index): (&Path<'_>, u32, &'static str, usize),
+    size: &mut Footprint,
 ) -> Result<ParameterEntry<'a>, String> {
     const NAMES: &[&str] = &["key", "value"];
     let entry = message(c, wire, budget, "a map entry")
         .map_err(|p| fail(&Path::Entry(parent, name, index, &[]), Some((tag, "")), p))?;
     let path = Path::Entry(parent, name, index, entry);
     let budget = budget - 1;
+    size.add(MAP_ENTRY);
     let mut out = ParameterEntry {
         key: "",
         choice: None,
@@ -274,11 +448,14 @@ fn map_entry<'a>(
         let (tag, wire) = c.field(&path, NAMES)?;
         let here = |p| fail(&path, named(NAMES, Some(tag)), p);
         match tag {
-            1 => out.key = string(&mut c, wire).map_err(here)?,
+            1 => {
+                out.key = string(&mut c, wire).map_err(here)?;
+                size.add(out.key.len());
+            }
             2 => {
                 // A repeated value merges into the first, so an empty one keeps its choice.
                 let m = message(&mut c, wire, budget, "an InferParameter").map_err(here)?;
-                if let Some(choice) = check_parameter(m, budget - 1, &path)? {
+                if let Some(choice) = check_parameter(m, budget - 1, &path, size)? {
                     out.choice = Some(choice);
                 }
             }
@@ -289,7 +466,12 @@ fn map_entry<'a>(
 }
 
 /// Checks an `InferParameter`; returns the oneof field it ends with, and its varint.
-fn check_parameter(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<Option<(u32, u64)>, String> {
+fn check_parameter(
+    buf: &[u8],
+    budget: u32,
+    path: &Path<'_>,
+    size: &mut Footprint,
+) -> Result<Option<(u32, u64)>, String> {
     const NAMES: &[&str] = &[
         "bool_param",
         "int64_param",
@@ -314,7 +496,7 @@ fn check_parameter(buf: &[u8], budget: u32, path: &Path<'_>) -> Result<Option<(u
                 choice = Some((tag, v));
             }
             3 => {
-                string(&mut c, wire).map_err(here)?;
+                size.add(string(&mut c, wire).map_err(here)?.len());
                 choice = Some((tag, 0));
             }
             4 => {
@@ -360,10 +542,11 @@ fn message<'a>(
     c.len_delimited()
 }
 
-/// One occurrence of a repeated varint field: one varint, or a packed run of them.
-fn repeated_varint(c: &mut Cursor<'_>, wire: u8, what: &'static str) -> Result<(), Problem> {
+/// One occurrence of a repeated varint field: one varint, or a packed run of them; how
+/// many.
+fn repeated_varint(c: &mut Cursor<'_>, wire: u8, what: &'static str) -> Result<usize, Problem> {
     match wire {
-        VARINT => c.varint().map(drop).ok_or(Problem::BadVarint),
+        VARINT => c.varint().map(|_| 1).ok_or(Problem::BadVarint),
         LEN => packed_varints(c.len_delimited()?),
         _ => Err(Problem::WireType {
             expected: what,
@@ -373,16 +556,17 @@ fn repeated_varint(c: &mut Cursor<'_>, wire: u8, what: &'static str) -> Result<(
     }
 }
 
-/// One occurrence of a repeated fixed-width field (`fixed`: its wire type).
+/// One occurrence of a repeated fixed-width field (`fixed`: its wire type); how many
+/// elements.
 fn repeated_fixed(
     c: &mut Cursor<'_>,
     wire: u8,
     fixed: u8,
     what: &'static str,
-) -> Result<(), Problem> {
+) -> Result<usize, Problem> {
     let width = if fixed == FIXED32 { 4 } else { 8 };
     if wire == fixed {
-        return c.fixed(width);
+        return c.fixed(width).map(|()| 1);
     }
     if wire != LEN {
         return Err(Problem::WireType {
@@ -397,18 +581,20 @@ fn repeated_fixed(
     }
     let len = c.len_delimited()?.len();
     if len.is_multiple_of(width) {
-        Ok(())
+        Ok(len / width)
     } else {
         Err(Problem::PackedWidth { len, width })
     }
 }
 
-/// Whether packed varints end where their field does, none over 10 bytes or over 64 bits.
-fn packed_varints(b: &[u8]) -> Result<(), Problem> {
-    let mut run = 0;
+/// Whether packed varints end where their field does, none over 10 bytes or over 64 bits;
+/// how many there are.
+fn packed_varints(b: &[u8]) -> Result<usize, Problem> {
+    let (mut run, mut count) = (0, 0);
     for &byte in b {
         run += 1;
         if byte < 0x80 {
+            count += 1;
             if run == 10 && byte > 1 {
                 return Err(Problem::PackedVarint);
             }
@@ -418,7 +604,7 @@ fn packed_varints(b: &[u8]) -> Result<(), Problem> {
         }
     }
     if run == 0 {
-        Ok(())
+        Ok(count)
     } else {
         Err(Problem::PackedVarint)
     }
@@ -661,7 +847,7 @@ impl fmt::Display for Path<'_> {
 /// formed message): `(field number, value)`, the value of a length-delimited field being
 /// its contents and of any other field its encoded bytes. Nothing is allocated; iteration
 /// stops at anything unreadable.
-pub(crate) fn fields(buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+pub fn fields(buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
     let mut c = Cursor::new(buf);
     std::iter::from_fn(move || {
         if c.done() {
@@ -679,7 +865,7 @@ pub(crate) fn fields(buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
 
 /// A map entry's key: the last field 1 read before anything unreadable, if it is a
 /// string.
-pub(crate) fn entry_key(entry: &[u8]) -> Option<&str> {
+pub fn entry_key(entry: &[u8]) -> Option<&str> {
     let mut key = None;
     let mut c = Cursor::new(entry);
     while !c.done() {
@@ -721,10 +907,8 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use switchyard_proto::inference::InferTensorContents;
-    use switchyard_proto::inference::model_infer_request::{
-        InferInputTensor, InferRequestedOutputTensor,
-    };
+    use crate::inference::InferTensorContents;
+    use crate::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 
     fn request() -> ModelInferRequest {
         let mut r = ModelInferRequest {
@@ -987,8 +1171,8 @@ mod tests {
         for (name, bytes, want) in cases {
             let got = split_infer_request(&Bytes::from(bytes.clone()));
             assert_eq!(
-                got.as_ref().map(drop).map_err(String::as_str),
-                want,
+                got.as_ref().map(drop).map_err(ToString::to_string),
+                want.map_err(String::from),
                 "{name}"
             );
             assert_eq!(
@@ -1037,13 +1221,6 @@ mod tests {
             "the last entry wins"
         );
         assert_eq!(ok(entry([ld(1, b"other"), int64(5)].concat())), None);
-    }
-
-    #[test]
-    fn many_empty_inputs_are_checked_without_decoding_them() {
-        let bytes = Bytes::from([0x2a, 0x00].repeat(100_000));
-        let m = split_infer_request(&bytes).unwrap();
-        assert_eq!(m.rest.len(), 1);
     }
 
     /// Valid requests: one with every kind of field from prost, a small one, and one
@@ -1284,5 +1461,102 @@ mod tests {
             valid > 1_000 && invalid > 1_000,
             "{valid} valid, {invalid} invalid"
         );
+    }
+
+    #[test]
+    fn a_request_that_would_decode_much_larger_than_it_is_refused() {
+        // 2 bytes on the wire, a whole InferInputTensor in memory.
+        let empty_inputs: Vec<u8> = std::iter::repeat_n([0x2a, 0x00], 1 << 18)
+            .flatten()
+            .collect();
+        let empty_outputs: Vec<u8> = std::iter::repeat_n([0x32, 0x00], 1 << 18)
+            .flatten()
+            .collect();
+        let empty_params: Vec<u8> = std::iter::repeat_n([0x22, 0x00], 1 << 18)
+            .flatten()
+            .collect();
+        let empty_raw: Vec<u8> = std::iter::repeat_n([0x3a, 0x00], 1 << 18)
+            .flatten()
+            .collect();
+        for (name, bytes) in [
+            ("inputs", empty_inputs),
+            ("outputs", empty_outputs),
+            ("parameters", empty_params),
+            ("raw_input_contents", empty_raw),
+        ] {
+            let err = check_infer_request(&bytes).unwrap_err();
+            let WireError::TooLarge {
+                len,
+                decoded,
+                limit,
+            } = err
+            else {
+                panic!("{name}: {err}");
+            };
+            assert_eq!(
+                (len, limit),
+                (bytes.len(), decoded_limit(bytes.len())),
+                "{name}"
+            );
+            assert!(decoded > limit, "{name}");
+            assert!(err.to_string().contains("once decoded"), "{name}: {err}");
+            assert!(matches!(
+                split_infer_request(&Bytes::from(bytes)),
+                Err(WireError::TooLarge { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn tensors_sent_as_chunks_of_their_own_decode_as_raw_input_contents() {
+        let mut r = request();
+        let tensor = r.raw_input_contents.pop().unwrap();
+        let mut m = split_infer_request(&Bytes::from(r.encode_to_vec())).unwrap();
+        m.tensors.push(tensor.clone());
+        let bytes = m.chunks("digits", "v1.1.0", 900).concat();
+        let decoded = ModelInferRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(decoded, request());
+        assert!(
+            m.chunks("digits", "", 900)
+                .iter()
+                .any(|c| c.as_ptr() == tensor.as_ptr())
+        );
+        let big = raw_input_key(300);
+        assert_eq!(&big[..], &[0x3a, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn honest_requests_fit_their_decoded_limit() {
+        // Raw tensors decode to their own size.
+        let mut r = request();
+        r.raw_input_contents = vec![Bytes::from(vec![7u8; 4 << 20])];
+        let bytes = r.encode_to_vec();
+        let size = check_infer_request(&bytes).unwrap();
+        assert!(
+            size.0 >= 4 << 20 && size.0 <= bytes.len() + 4096,
+            "{size:?}"
+        );
+        // A packed int64 of small values: 1 byte each on the wire, 8 in memory, still in.
+        let mut r = request();
+        r.raw_input_contents.clear();
+        r.inputs[0].contents = Some(InferTensorContents {
+            int64_contents: vec![1; 4 << 20],
+            ..Default::default()
+        });
+        let bytes = r.encode_to_vec();
+        let size = check_infer_request(&bytes).unwrap();
+        assert!(size.0 >= 8 * (4 << 20), "{size:?}");
+        // Many small tensors with names and parameters: the allowance covers them.
+        let mut r = request();
+        r.inputs = (0..64)
+            .map(|i| InferInputTensor {
+                name: format!("INPUT__{i}"),
+                datatype: "FP32".into(),
+                shape: vec![1, 4],
+                ..Default::default()
+            })
+            .collect();
+        r.raw_input_contents = vec![Bytes::from_static(&[0; 16]); 64];
+        assert!(check_infer_request(&r.encode_to_vec()).is_ok());
     }
 }
