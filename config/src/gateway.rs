@@ -98,6 +98,28 @@ pub struct LimitsConfig {
     /// Default 300s (at most an hour). HTTP/1.1 connections close after 60s idle
     /// between requests (pingora's keep-alive).
     pub idle_timeout: HumanDuration,
+    /// A new connection's first bytes must arrive within this, and on the gRPC port the
+    /// whole 24-byte HTTP/2 preface (a client that sends anything else is answered as
+    /// HTTP/1.x at once); then HTTP/1.x request headers within 60s (pingora's read
+    /// timeout, nginx's `client_header_timeout`). Default 60s (at most an hour).
+    pub header_timeout: HumanDuration,
+    /// The longest wait for the next bytes of a request body, HTTP/1.x and HTTP/2 (nginx's
+    /// `client_body_timeout`); a body that stalls gets 408 / DEADLINE_EXCEEDED. Default
+    /// 60s (at most an hour).
+    pub body_timeout: HumanDuration,
+    /// Connections each listener (REST, gRPC, admin) holds at once, all workers together;
+    /// one more is closed as soon as it is accepted and counted in
+    /// `switchyard_connections_refused_total`, so file descriptors stay for backends.
+    /// Default 10000.
+    pub max_connections: u32,
+    /// TCP keep-alive on client connections: probes start after this long idle and a
+    /// peer that answers none of 3 (10s apart) is dropped, so a vanished client is noticed
+    /// in minutes, not hours. Default 60s (at most an hour).
+    pub tcp_keepalive: HumanDuration,
+    /// HTTP/2 PING on every upstream connection this often; a backend that does not
+    /// answer one within 5s has its connection closed, and calls on it fail over, so a
+    /// vanished backend host is found in seconds. Default 10s (at most an hour).
+    pub upstream_ping_interval: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +129,11 @@ impl Default for LimitsConfig {
             max_in_flight: 10_000,
             shutdown_grace: HumanDuration(std::time::Duration::from_secs(30)),
             idle_timeout: HumanDuration(std::time::Duration::from_secs(300)),
+            header_timeout: HumanDuration(std::time::Duration::from_secs(60)),
+            body_timeout: HumanDuration(std::time::Duration::from_secs(60)),
+            max_connections: 10_000,
+            tcp_keepalive: HumanDuration(std::time::Duration::from_secs(60)),
+            upstream_ping_interval: HumanDuration(std::time::Duration::from_secs(10)),
             default_deadline: HumanDuration(std::time::Duration::from_secs(30)),
         }
     }
@@ -191,6 +218,36 @@ pub struct AdminConfig {
     pub token_env: Option<String>,
     /// A file holding the token (a mounted Kubernetes secret, say), relative to this file.
     pub token_file: Option<PathBuf>,
+    /// Who may read what reveals the routing topology (`GET /admin/policy`,
+    /// `/admin/targets`, `/admin/shadow`: routes, files, backends, endpoints). `loopback`
+    /// (default): anyone when the admin listener is on a loopback address, the bearer
+    /// token otherwise; `token`: the bearer token always; `open`: anyone. `/metrics` and
+    /// the health endpoints stay open for scrapers and probes.
+    pub topology: TopologyAccess,
+}
+
+/// Who may read the admin API's topology endpoints (`admin.topology`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyAccess {
+    /// Anyone on a loopback admin listener; the bearer token on any other.
+    #[default]
+    Loopback,
+    /// The bearer token, always.
+    Token,
+    /// Anyone.
+    Open,
+}
+
+impl TopologyAccess {
+    /// Whether a topology read needs the token, on an admin listener bound to `admin`.
+    pub fn needs_token(self, admin: &SocketAddr) -> bool {
+        match self {
+            Self::Loopback => !admin.ip().is_loopback(),
+            Self::Token => true,
+            Self::Open => false,
+        }
+    }
 }
 
 /// Hot reload of the policy folder.

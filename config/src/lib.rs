@@ -112,6 +112,26 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             rules::MAX_PERIOD,
         ),
         (
+            "limits.header_timeout",
+            config.limits.header_timeout.0,
+            rules::MAX_PERIOD,
+        ),
+        (
+            "limits.body_timeout",
+            config.limits.body_timeout.0,
+            rules::MAX_PERIOD,
+        ),
+        (
+            "limits.tcp_keepalive",
+            config.limits.tcp_keepalive.0,
+            rules::MAX_PERIOD,
+        ),
+        (
+            "limits.upstream_ping_interval",
+            config.limits.upstream_ping_interval.0,
+            rules::MAX_PERIOD,
+        ),
+        (
             "breaker.base_ejection",
             config.breaker.base_ejection.0,
             rules::MAX_PERIOD,
@@ -171,6 +191,15 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             0,
             "limits.max_in_flight",
             "max_in_flight must be at least 1",
+        ));
+    }
+    if config.limits.max_connections == 0 {
+        problems.push(Diagnostic::new(
+            file,
+            0,
+            0,
+            "limits.max_connections",
+            "max_connections must be at least 1",
         ));
     }
     if config.breaker.consecutive_failures == 0 || config.breaker.half_open_probes == 0 {
@@ -239,7 +268,7 @@ pub fn load_policies(dir: &Path, gateway: &GatewayConfig) -> Result<PolicySet, D
         .collect();
     paths.sort();
     let mut problems = Vec::new();
-    let mut files = Vec::new();
+    let mut texts = Vec::new();
     for file in paths {
         // Only regular files (a symlink to one, as Kubernetes mounts a ConfigMap, is one):
         // opening a FIFO or a device would block the reload.
@@ -257,6 +286,28 @@ pub fn load_policies(dir: &Path, gateway: &GatewayConfig) -> Result<PolicySet, D
                 continue;
             }
         };
+        texts.push((file, text));
+    }
+    match load_policy_texts(texts, gateway) {
+        Ok(set) if problems.is_empty() => Ok(set),
+        Ok(_) => Err(Diagnostics::sorted(problems)),
+        Err(Diagnostics(more)) => {
+            problems.extend(more);
+            Err(Diagnostics::sorted(problems))
+        }
+    }
+}
+
+/// Parses and validates policy files already read, `(path, text)` sorted by path, as
+/// [`load_policies`] does once it has read them: what `check`, start-up and every reload
+/// run (and what the policy fuzz target drives).
+pub fn load_policy_texts(
+    texts: Vec<(PathBuf, String)>,
+    gateway: &GatewayConfig,
+) -> Result<PolicySet, Diagnostics> {
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for (file, text) in texts {
         if text
             .lines()
             .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))

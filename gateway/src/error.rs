@@ -31,6 +31,9 @@ pub(crate) enum GatewayError {
     /// The body is over `limits.max_body_bytes`.
     #[error("request body exceeds the {limit}-byte limit (limits.max_body_bytes)")]
     BodyTooLarge { limit: u64 },
+    /// The request body stopped arriving.
+    #[error("the request body sent nothing for {after:?} (limits.body_timeout)")]
+    BodyStalled { after: Duration },
     /// Decoding the request would take more memory than its size allows.
     #[error("{0}")]
     Amplified(String),
@@ -97,6 +100,7 @@ impl GatewayError {
             Self::BadRequest(_) => (400, code::INVALID_ARGUMENT),
             Self::BodyTooLarge { .. } | Self::Amplified(_) => (413, code::RESOURCE_EXHAUSTED),
             Self::Overloaded { .. } => (429, code::RESOURCE_EXHAUSTED),
+            Self::BodyStalled { .. } => (408, code::DEADLINE_EXCEEDED),
             // Nobody reads it; nginx logs such a request as 499.
             Self::ClientGone => (499, code::CANCELLED),
             Self::Unsupported(_) => (501, code::UNIMPLEMENTED),

@@ -27,6 +27,7 @@ mod error;
 mod execute;
 mod frontend;
 mod grpc;
+mod listener;
 mod metrics;
 mod proxy;
 mod reload;
@@ -44,6 +45,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::TcpSocketOptions;
+use pingora_core::protocols::l4::ext::TcpKeepalive;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{Fds, ListenFds};
 use switchyard_config::{Diagnostics, GatewayConfig, load_policies};
@@ -71,6 +74,11 @@ pub(crate) struct Shared {
     pub(crate) reloads: reload::Reloads,
     /// The admin API's bearer token (none: `POST /admin/reload` is refused).
     pub(crate) admin_token: Option<String>,
+    /// Whether `GET /admin/policy|targets|shadow` need the bearer token
+    /// (`admin.topology` on the admin listener's address).
+    pub(crate) topology_needs_token: bool,
+    /// Connections held by the REST, gRPC and admin listeners, across workers.
+    pub(crate) connections: [Arc<listener::Connections>; 3],
 }
 impl Shared {
     pub(crate) fn is_ready(&self) -> bool {
@@ -217,6 +225,14 @@ impl Gateway {
             .or(from_file)
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty());
+        let connections = [proxy::Port::Rest, proxy::Port::Grpc, proxy::Port::Admin].map(|port| {
+            let name = [port.name()];
+            Arc::new(listener::Connections::new(
+                config.limits.max_connections,
+                metrics.connections.with_label_values(&name),
+                metrics.connections_refused.with_label_values(&name),
+            ))
+        });
         let shared = Shared {
             budget: RetryBudget::new(
                 config.retry_budget.percent,
@@ -228,6 +244,8 @@ impl Gateway {
             admin_token,
             ready: AtomicBool::new(true),
             reloads: reload::Reloads::new(kept),
+            connections,
+            topology_needs_token: config.admin.topology.needs_token(&config.listen.admin),
             config,
         };
         Ok(Self {
@@ -321,28 +339,43 @@ async fn run_worker(
     for (port, listener) in sockets {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?.to_string();
-        let app = proxy::Frontend {
-            port,
-            shared: shared.clone(),
+        let proxy = |h2c: bool| {
+            let mut proxy = pingora_proxy::http_proxy(
+                &conf,
+                proxy::Frontend {
+                    port,
+                    shared: shared.clone(),
+                },
+            );
+            let mut options = HttpServerOptions::default();
+            options.h2c = h2c;
+            // An idle h2 connection (no stream in flight) is closed, or idle clients
+            // would hold sockets forever.
+            options.h2_idle_timeout = Some(shared.config.limits.idle_timeout.0);
+            proxy.server_options = Some(options);
+            Arc::new(proxy)
         };
-        let mut service = pingora_proxy::http_proxy_service_with_name(
-            &conf,
-            app,
-            &format!("switchyard {port:?}"),
+        // The REST and admin ports speak HTTP/1.x; the gRPC port h2c, and HTTP/1.x to a
+        // client that sends anything but the h2 preface (see `listener`).
+        let guarded = listener::Guarded {
+            http1: proxy(false),
+            http2: matches!(port, proxy::Port::Grpc).then(|| proxy(true)),
+            connections: shared.connections[port as usize].clone(),
+            first_bytes: shared.config.limits.header_timeout.0,
+        };
+        let mut service = pingora_core::services::listening::Service::new(
+            format!("switchyard {port:?}"),
+            guarded,
         );
-        let mut options = HttpServerOptions::default();
-        // The gRPC port speaks h2c (pingora tells it from HTTP/1.1 by the 24-byte h2
-        // preface, and answers HTTP/1.1 with 426). The REST and admin ports speak HTTP/1.x
-        // only: waiting for a preface there left a short HTTP/1.0 request (`GET /v2
-        // HTTP/1.0`, 20 bytes) unanswered forever.
-        options.h2c = matches!(port, proxy::Port::Grpc);
-        // An idle h2 connection (no stream in flight) is closed, or idle clients would
-        // hold sockets forever.
-        options.h2_idle_timeout = Some(shared.config.limits.idle_timeout.0);
-        if let Some(app) = service.app_logic_mut() {
-            app.server_options = Some(options);
-        }
-        service.add_tcp(&addr);
+        let mut socket = TcpSocketOptions::default();
+        // A client that vanished without a FIN is found by TCP keep-alive probes.
+        socket.tcp_keepalive = Some(TcpKeepalive {
+            idle: shared.config.limits.tcp_keepalive.0,
+            interval: Duration::from_secs(10),
+            count: 3,
+            user_timeout: Duration::ZERO,
+        });
+        service.add_tcp_with_settings(&addr, socket);
         // Hand pingora the socket we bound, keyed by the address string it looks up.
         let mut fds = Fds::new();
         fds.add(addr, listener.into_raw_fd());

@@ -70,6 +70,10 @@ pub struct Metrics {
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     pub(crate) endpoint_healthy: IntGaugeVec,
+    /// Upstream h2 connections opened, by backend and endpoint.
+    pub(crate) upstream_connects: IntCounterVec,
+    /// Upstream calls in flight (h2 streams), by backend and endpoint.
+    pub(crate) upstream_streams: IntGaugeVec,
     pub(crate) target_ready: IntGaugeVec,
     reloads: IntCounterVec,
     pub(crate) policy_version: IntGauge,
@@ -77,6 +81,10 @@ pub struct Metrics {
     pub(crate) in_flight: [IntGauge; 2],
     /// Requests refused over `limits.max_in_flight`, by protocol.
     pub(crate) shed: [IntCounter; 2],
+    /// Client connections open, by listener (`rest`, `grpc`, `admin`).
+    pub(crate) connections: IntGaugeVec,
+    /// Client connections closed at once over `limits.max_connections`, by listener.
+    pub(crate) connections_refused: IntCounterVec,
     shadow_requests: IntCounterVec,
     shadow_agreement: IntCounterVec,
     shadow_diff: HistogramVec,
@@ -181,6 +189,18 @@ impl Metrics {
                 "Circuit breaker transitions per target",
                 &["target", "to"],
             ),
+            upstream_connects: counter(
+                &r,
+                "switchyard_upstream_connections_opened_total",
+                "HTTP/2 connections the gateway opened to a backend endpoint, by backend and endpoint; steady under steady load when connections are reused",
+                &["backend", "endpoint"],
+            ),
+            upstream_streams: gauge(
+                &r,
+                "switchyard_upstream_streams",
+                "Calls in flight to a backend endpoint (HTTP/2 streams over its connections, at most 100 each), by backend and endpoint",
+                &["backend", "endpoint"],
+            ),
             endpoint_healthy: gauge(
                 &r,
                 "switchyard_endpoint_healthy",
@@ -217,6 +237,18 @@ impl Metrics {
                 );
                 PROTOCOLS.map(|p| v.with_label_values(&[p]))
             },
+            connections: gauge(
+                &r,
+                "switchyard_connections",
+                "Client connections open, by listener (rest, grpc, admin)",
+                &["port"],
+            ),
+            connections_refused: counter(
+                &r,
+                "switchyard_connections_refused_total",
+                "Client connections closed as soon as accepted because the listener held limits.max_connections, by listener",
+                &["port"],
+            ),
             shadow_requests: counter(
                 &r,
                 "switchyard_shadow_requests_total",

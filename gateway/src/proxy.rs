@@ -22,6 +22,17 @@ pub(crate) enum Port {
     Admin,
 }
 
+impl Port {
+    /// The listener's name in metrics.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Port::Rest => "rest",
+            Port::Grpc => "grpc",
+            Port::Admin => "admin",
+        }
+    }
+}
+
 /// The `ProxyHttp` of one listener.
 #[derive(Debug)]
 pub(crate) struct Frontend {

@@ -58,7 +58,9 @@ impl TestGateway {
             ));
         }
         std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
-        yaml.push_str("admin: { token_file: admin-token }\n");
+        if !setup.extra.starts_with("admin:") && !setup.extra.contains("\nadmin:") {
+            yaml.push_str("admin: { token_file: admin-token }\n");
+        }
         yaml.push_str(&setup.extra);
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, yaml).unwrap();

@@ -1,6 +1,8 @@
 //! The admin API (loopback by default): `/metrics`, `GET /admin/policy`,
 //! `POST /admin/reload` (bearer token), `GET /admin/targets`, `GET /admin/shadow` (running
-//! shadow agreement per route), and the health endpoints.
+//! shadow agreement per route), and the health endpoints. The topology reads need the
+//! bearer token too unless `admin.topology` lets them be open (by default: on a loopback
+//! listener).
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -21,7 +23,26 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
     let json_reply = |status: u16, v: serde_json::Value| {
         (status, "application/json", Bytes::from(v.to_string()))
     };
+    let bearer = session
+        .req_header()
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let authorized = shared.admin_token.as_deref().is_some_and(|token| {
+        bearer.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+    });
+    let topology = matches!(
+        path.as_str(),
+        "/admin/policy" | "/admin/targets" | "/admin/shadow"
+    );
     let (status, content_type, body) = match (method.as_str(), path.as_str()) {
+        ("GET", _) if topology && shared.topology_needs_token && !authorized => json_reply(
+            401,
+            json!({ "error": format!(
+                "GET {path} reveals the routing topology: send `Authorization: Bearer <token>` (admin.token_env or admin.token_file; admin.topology decides who may read it)"
+            ) }),
+        ),
         ("GET", "/metrics") => (
             200,
             "text/plain; version=0.0.4",
@@ -109,14 +130,8 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
                 403,
                 json!({ "error": "POST /admin/reload is disabled: set admin.token_env in gateway.yaml and export that variable" }),
             ),
-            Some(token) => {
-                let given = session
-                    .req_header()
-                    .headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            Some(_) => {
+                if !authorized {
                     json_reply(401, json!({ "error": "missing or wrong bearer token" }))
                 } else {
                     match shared.reload("admin API").await {

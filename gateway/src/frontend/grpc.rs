@@ -62,7 +62,7 @@ async fn handle(
             "unknown gRPC service or method '{path}'; the gateway serves inference.GRPCInferenceService"
         )));
     };
-    let body = read_body(session, shared.config.limits.max_body_bytes.0).await?;
+    let body = read_body(session, &shared.config.limits).await?;
     let message = unframe(body).map_err(GatewayError::BadRequest)?;
     let headers: &HeaderMap = &session.req_header().headers;
     let bad = |what: &str, e: prost::DecodeError| {

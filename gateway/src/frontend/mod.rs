@@ -122,8 +122,14 @@ pub(crate) async fn client_leaves(session: &mut Session) {
     let _ = session.read_body_or_idle(true).await;
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes.
-pub(crate) async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+/// Reads the whole request body, refusing more than `limits.max_body_bytes` and a body
+/// whose next bytes take longer than `limits.body_timeout`.
+pub(crate) async fn read_body(
+    session: &mut Session,
+    limits: &switchyard_config::gateway::LimitsConfig,
+) -> Result<Bytes, GatewayError> {
+    let limit = limits.max_body_bytes.0;
+    let patience = limits.body_timeout.0;
     if let Some(len) = session
         .req_header()
         .headers
@@ -138,7 +144,10 @@ pub(crate) async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes
     let mut joined: Option<BytesMut> = None;
     let mut total = 0u64;
     loop {
-        match session.read_request_body().await {
+        let Ok(read) = tokio::time::timeout(patience, session.read_request_body()).await else {
+            return Err(GatewayError::BodyStalled { after: patience });
+        };
+        match read {
             Ok(Some(chunk)) => {
                 total += chunk.len() as u64;
                 if total > limit {

@@ -266,7 +266,7 @@ async fn infer(
                 })?,
         ),
     };
-    let body = read_body(session, shared.config.limits.max_body_bytes.0).await?;
+    let body = read_body(session, &shared.config.limits).await?;
     let (mut req, format): (ModelInferRequest, _) =
         parse_request(&body, header_len).map_err(GatewayError::BadRequest)?;
     req.model_name = route.to_owned();

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::http::v2::Connector;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use prost::Message;
 use switchyard_config::GatewayConfig;
 use switchyard_proto::inference::{
@@ -58,6 +58,14 @@ pub(crate) struct Endpoint {
     failed_checks: AtomicU32,
     passed_checks: AtomicU32,
     gauge: IntGauge,
+    /// Calls in flight to this endpoint, all workers together.
+    pub(crate) streams: IntGauge,
+    /// Connections opened to it.
+    pub(crate) connects: IntCounter,
+    /// Held while a call opens a connection, so calls that find no free stream at once
+    /// wait for that connection instead of each opening their own (taken only on the
+    /// way to a connect, never when a pooled connection has a stream free).
+    pub(crate) connecting: tokio::sync::Mutex<()>,
 }
 
 impl Endpoint {
@@ -186,12 +194,14 @@ impl Upstreams {
                 // Plaintext with HTTP/2 as the minimum version: h2c by prior knowledge.
                 peer.options.alpn = ALPN::H2;
                 // The default is one stream per connection.
-                peer.options.max_h2_streams = 100;
+                peer.options.max_h2_streams = client::MAX_STREAMS;
                 peer.options.connection_timeout = Some(connect_timeout);
                 peer.options.idle_timeout = Some(Duration::from_secs(90));
-                let gauge = metrics
-                    .endpoint_healthy
-                    .with_label_values(&[name.as_str(), address.as_str()]);
+                // A peer that stops answering (powered off, partitioned: no FIN, no RST)
+                // is found by its missing PONG within the interval plus pingora's 5 s.
+                peer.options.h2_ping_interval = Some(config.limits.upstream_ping_interval.0);
+                let labels = [name.as_str(), address.as_str()];
+                let gauge = metrics.endpoint_healthy.with_label_values(&labels);
                 gauge.set(1);
                 endpoints.push(Arc::new(Endpoint {
                     address: address.clone(),
@@ -200,6 +210,9 @@ impl Upstreams {
                     failed_checks: AtomicU32::new(0),
                     passed_checks: AtomicU32::new(0),
                     gauge,
+                    streams: metrics.upstream_streams.with_label_values(&labels),
+                    connects: metrics.upstream_connects.with_label_values(&labels),
+                    connecting: tokio::sync::Mutex::new(()),
                 }));
             }
             pools.insert(
@@ -267,16 +280,7 @@ impl Upstreams {
         budget: Duration,
         shadow: bool,
     ) -> Result<Reply, CallError> {
-        client::unary(
-            &connector(),
-            &endpoint.peer,
-            &endpoint.address,
-            path,
-            message,
-            budget,
-            shadow,
-        )
-        .await
+        client::unary(&connector(), endpoint, path, message, budget, shadow).await
     }
 
     /// One typed unary call (health, metadata, config, statistics): encodes `req`, checks
