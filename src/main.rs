@@ -104,6 +104,10 @@ struct BackendArgs {
     /// take over 8 × its size + 1 MiB once decoded is refused too (RESOURCE_EXHAUSTED).
     #[arg(long, alias = "max-message-size", default_value = "16448KiB", value_parser = parse_size)]
     max_request_size: u64,
+    /// Input bytes the requests of all models may hold at once, queued or running (bytes,
+    /// or with a suffix); one more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    max_queue_bytes: u64,
     /// Largest gRPC response sent (bytes, or with a suffix).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     max_response_size: u64,
@@ -145,6 +149,7 @@ async fn backend(args: BackendArgs) -> Result<()> {
     config.repository.max_model_size = args.max_model_size;
     config.repository.default_runtime = args.runtime;
     config.repository.onnxruntime_lib = args.onnxruntime_lib;
+    config.repository.max_queue_bytes = args.max_queue_bytes;
     config.max_request_size =
         usize::try_from(args.max_request_size).context("--max-request-size")?;
     config.max_response_size =

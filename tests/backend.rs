@@ -1140,3 +1140,110 @@ async fn a_stream_of_many_requests_keeps_a_bounded_number_in_flight() {
     }
     assert_eq!(ids.len(), 200, "every message answered once");
 }
+
+/// A `lookup` request for one table index (INT64 [1, 1]).
+fn lookup(index: i64) -> switchyard_proto::inference::ModelInferRequest {
+    use switchyard_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    ModelInferRequest {
+        model_name: "lookup".into(),
+        inputs: vec![InferInputTensor {
+            name: "INDEX".into(),
+            datatype: "INT64".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![index.to_le_bytes().to_vec().into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_model_cannot_run_fails_alone_not_its_batch() {
+    // Three requests share one batch (the queue waits 300 ms for company); index 99 is past
+    // the lookup table, so the runtime fails the batch. Every request of it got that
+    // INTERNAL error, and the gateway counted it against the backend.
+    let repo = tempfile::tempdir().unwrap();
+    copy_dir(
+        &root().join("tests/models/lookup"),
+        &repo.path().join("lookup"),
+    );
+    let backend = TestBackend::start(repo.path()).await;
+    let calls: Vec<_> = [1, 99, 7]
+        .into_iter()
+        .map(|index| {
+            let addr = backend.addr;
+            tokio::spawn(async move { client(addr).await.model_infer(lookup(index)).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for c in calls {
+        results.push(c.await.unwrap());
+    }
+    let value = |r: &Result<
+        tonic::Response<switchyard_proto::inference::ModelInferResponse>,
+        tonic::Status,
+    >| {
+        let raw = &r.as_ref().unwrap().get_ref().raw_output_contents[0];
+        f32::from_le_bytes(raw[..4].try_into().unwrap())
+    };
+    assert_eq!(value(&results[0]), 10.0);
+    assert_eq!(value(&results[2]), 70.0);
+    let bad = results[1].as_ref().unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(
+        bad.message()
+            .contains("cannot run this request, while the other requests of its batch ran"),
+        "{bad:?}"
+    );
+    // Alone, the model's failure cannot be told from the request's: INTERNAL, as Triton.
+    let alone = client(backend.addr)
+        .await
+        .model_infer(lookup(99))
+        .await
+        .unwrap_err();
+    assert_eq!(alone.code(), Code::Internal, "{alone:?}");
+    // And the instance still serves: the panicked run left tract's state half-run, and
+    // every later request failed with "Clashing resolution for expression".
+    let after = client(backend.addr).await.model_infer(lookup(2)).await;
+    assert_eq!(value(&after), 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_is_bounded_by_bytes_too() {
+    // The model holds requests 300 ms for a batch; the queue may hold 20 bytes of inputs
+    // (two requests of 8), so a third waiting request is refused at once.
+    let repo = tempfile::tempdir().unwrap();
+    copy_dir(
+        &root().join("tests/models/lookup"),
+        &repo.path().join("lookup"),
+    );
+    let mut config = switchyard_backend::BackendConfig::new(repo.path());
+    config.repository.max_queue_bytes = 20;
+    let backend = TestBackend::start_with(config).await;
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = backend.addr;
+            tokio::spawn(async move { client(addr).await.model_infer(lookup(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = client(backend.addr)
+        .await
+        .model_infer(lookup(3))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-queue-bytes"),
+        "{refused:?}"
+    );
+    for h in held {
+        h.await.unwrap().unwrap();
+    }
+    // Answered requests give their bytes back.
+    client(backend.addr)
+        .await
+        .model_infer(lookup(3))
+        .await
+        .unwrap();
+}

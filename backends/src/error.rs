@@ -45,6 +45,14 @@ pub enum BackendError {
         /// The configured limit.
         limit: usize,
     },
+    /// The backend's requests hold `--max-queue-bytes` of inputs.
+    #[error(
+        "the backend's requests hold its limit of {limit} input bytes (--max-queue-bytes); retry later"
+    )]
+    QueueBytes {
+        /// The configured limit.
+        limit: usize,
+    },
     /// The request's `timeout` parameter expired before it ran.
     #[error(
         "Request timeout expired: waited {waited:?} in the queue of model '{model}', the request allowed {allowed:?}"
@@ -92,6 +100,7 @@ impl From<BackendError> for tonic::Status {
             | BackendError::Unloaded { .. } => Code::Unavailable,
             BackendError::InvalidRequest(_) | BackendError::Repository(_) => Code::InvalidArgument,
             BackendError::Timeout { .. } => Code::DeadlineExceeded,
+            BackendError::QueueBytes { .. } => Code::ResourceExhausted,
             BackendError::Runtime { .. } => Code::Internal,
         };
         tonic::Status::new(code, err.to_string())

@@ -13,7 +13,13 @@
 //!
 //! Forming the batch only once an instance is free is what makes batches grow under load:
 //! requests that arrive while every instance is busy all join the next batch.
-//! `max_queue_size` bounds the queue; a request beyond it is refused at once.
+//! `max_queue_size` bounds the queue; a request beyond it is refused at once. So does
+//! `--max-queue-bytes`: the input bytes all the backend's requests hold, queued or running,
+//! across every model.
+//!
+//! A batch that fails is run again one request at a time, so a request that the model
+//! cannot run fails alone: when some of its batch mates then succeed, its failure is the
+//! request's (INVALID_ARGUMENT); when every one fails, it is the model's (INTERNAL).
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -45,6 +51,54 @@ pub(crate) struct Job {
     /// The request's `timeout` parameter, as an instant.
     pub(crate) deadline: Option<Instant>,
     pub(crate) reply: oneshot::Sender<Result<JobOutput, BackendError>>,
+    /// Its input bytes, counted against `--max-queue-bytes` while the job lives (set by
+    /// `submit`).
+    pub(crate) held: Option<Held>,
+}
+
+/// The input bytes that every model's jobs hold, and the most they may.
+#[derive(Debug)]
+pub(crate) struct QueuedBytes {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl QueuedBytes {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            held: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Counts `n` more bytes, or refuses them over the limit.
+    fn hold(self: &Arc<Self>, n: usize) -> Option<Held> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                h.checked_add(n).filter(|&t| t <= self.max)
+            })
+            .ok()?;
+        Some(Held(self.clone(), n))
+    }
+}
+
+/// Bytes a job holds; given back when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Held(Arc<QueuedBytes>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
+/// Why a job was not queued.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// The version's queue holds `max_queue_size` jobs.
+    Count(usize),
+    /// The backend's jobs hold `--max-queue-bytes` bytes.
+    Bytes(usize),
 }
 
 /// What a finished job gets back.
@@ -64,6 +118,7 @@ pub(crate) struct Scheduler {
     depth: Arc<AtomicUsize>,
     max_queue_size: usize,
     stats: Arc<VersionStats>,
+    bytes: Arc<QueuedBytes>,
 }
 
 impl Scheduler {
@@ -73,6 +128,7 @@ impl Scheduler {
         version: u64,
         instances: Vec<Box<dyn Instance>>,
         stats: Arc<VersionStats>,
+        bytes: Arc<QueuedBytes>,
     ) -> std::io::Result<Self> {
         let (queue, jobs) = crossbeam_channel::unbounded();
         let depth = Arc::new(AtomicUsize::new(0));
@@ -106,31 +162,30 @@ impl Scheduler {
             depth,
             max_queue_size,
             stats,
+            bytes,
         })
     }
 
-    /// Queues a job; gives it back when the queue is at `max_queue_size`.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues a job, unless the queue is at `max_queue_size` or the backend's jobs hold
+    /// `--max-queue-bytes`.
+    pub(crate) fn submit(&self, mut job: Job) -> Result<(), Refused> {
+        let n = job.inputs.iter().map(Bytes::len).sum();
+        job.held = Some(self.bytes.hold(n).ok_or(Refused::Bytes(self.bytes.max))?);
         let admitted = self
             .depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
                 (self.max_queue_size == 0 || d < self.max_queue_size).then_some(d + 1)
             });
         if admitted.is_err() {
-            return Err(job);
+            return Err(Refused::Count(self.max_queue_size));
         }
         self.stats.pending(1);
-        self.queue.send(job).map_err(|e| {
+        self.queue.send(job).map_err(|_| {
             // Unreachable while `self` lives (the batcher holds the receiver), kept total.
             self.depth.fetch_sub(1, Ordering::AcqRel);
             self.stats.pending(-1);
-            e.into_inner()
+            Refused::Count(self.max_queue_size)
         })
-    }
-
-    /// The configured queue bound (0: none).
-    pub(crate) fn max_queue_size(&self) -> usize {
-        self.max_queue_size
     }
 }
 
@@ -302,30 +357,76 @@ impl Worker {
         let start = Instant::now();
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
         let result = self.run_batch(&jobs, rows);
-        let output_done = Instant::now();
         match result {
-            Ok((per_job, mut exec)) => {
-                exec.compute_output = output_done - start - exec.compute_input - exec.compute_infer;
-                self.stats.record_execution(rows, exec);
-                for (job, outputs) in jobs.into_iter().zip(per_job) {
-                    let queue = start.saturating_duration_since(job.enqueued);
-                    let _ = job.reply.send(Ok(JobOutput {
-                        outputs,
-                        queue,
-                        exec,
-                    }));
-                }
+            Ok((per_job, exec)) => self.answer(jobs, per_job, exec, start, rows),
+            Err(message) if jobs.len() == 1 => {
+                warn!(model = %self.spec.name, version = self.version, %message, "inference failed");
+                self.fail(jobs, &message);
             }
             Err(message) => {
-                warn!(model = %self.spec.name, version = self.version, %message, "batch failed");
+                // Which request did it? Each runs alone; the model's fault is everyone's.
+                warn!(model = %self.spec.name, version = self.version, %message, jobs = jobs.len(), "batch failed; running its requests one by one");
+                let mut failed = Vec::new();
+                let mut any_ok = false;
                 for job in jobs {
-                    let _ = job.reply.send(Err(BackendError::Runtime {
-                        model: self.spec.name.clone(),
-                        version: self.version,
-                        message: message.clone(),
-                    }));
+                    let (start, rows) = (Instant::now(), job.rows);
+                    match self.run_batch(std::slice::from_ref(&job), rows) {
+                        Ok((per_job, exec)) => {
+                            any_ok = true;
+                            self.answer(vec![job], per_job, exec, start, rows);
+                        }
+                        Err(message) => failed.push((job, message)),
+                    }
+                }
+                for (job, message) in failed {
+                    let error = if any_ok {
+                        BackendError::InvalidRequest(format!(
+                            "model '{}' version {} cannot run this request, while the other requests of its batch ran: {message}",
+                            self.spec.name, self.version
+                        ))
+                    } else {
+                        self.runtime_error(&message)
+                    };
+                    let _ = job.reply.send(Err(error));
                 }
             }
+        }
+    }
+
+    /// Sends each job its outputs, and records the execution.
+    fn answer(
+        &self,
+        jobs: Vec<Job>,
+        per_job: Vec<Vec<OutputTensor>>,
+        mut exec: ExecTimes,
+        start: Instant,
+        rows: usize,
+    ) {
+        exec.compute_output = start
+            .elapsed()
+            .saturating_sub(exec.compute_input + exec.compute_infer);
+        self.stats.record_execution(rows, exec);
+        for (job, outputs) in jobs.into_iter().zip(per_job) {
+            let queue = start.saturating_duration_since(job.enqueued);
+            let _ = job.reply.send(Ok(JobOutput {
+                outputs,
+                queue,
+                exec,
+            }));
+        }
+    }
+
+    fn runtime_error(&self, message: &str) -> BackendError {
+        BackendError::Runtime {
+            model: self.spec.name.clone(),
+            version: self.version,
+            message: message.to_owned(),
+        }
+    }
+
+    fn fail(&self, jobs: Vec<Job>, message: &str) {
+        for job in jobs {
+            let _ = job.reply.send(Err(self.runtime_error(message)));
         }
     }
 

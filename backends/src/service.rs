@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::error::BackendError;
 use crate::repository::{ModelState, Repository, ServingVersion};
 use crate::request;
-use crate::scheduler::Job;
+use crate::scheduler::{Job, Refused};
 use crate::spec::TensorSpec;
 
 /// Extensions of the KServe v2 protocol this server implements (ServerMetadata).
@@ -105,13 +105,18 @@ async fn run(
         enqueued: Instant::now(),
         deadline: prepared.timeout.map(|t| start + t),
         reply,
+        held: None,
     };
-    if version.scheduler.submit(job).is_err() {
-        return Err(BackendError::QueueFull {
-            model: spec.name.clone(),
-            version: version.version,
-            limit: version.scheduler.max_queue_size(),
-        });
+    match version.scheduler.submit(job) {
+        Ok(()) => {}
+        Err(Refused::Count(limit)) => {
+            return Err(BackendError::QueueFull {
+                model: spec.name.clone(),
+                version: version.version,
+                limit,
+            });
+        }
+        Err(Refused::Bytes(limit)) => return Err(BackendError::QueueBytes { limit }),
     }
     let output = done.await.map_err(|_| BackendError::Unloaded {
         model: spec.name.clone(),

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::error::BackendError;
 use crate::runtime::{LoadSpec, LoadedModel, Runtime, RuntimeKind, onnx_signature};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{QueuedBytes, Scheduler};
 use crate::spec::{ModelSpec, VersionPolicy};
 use crate::stats::{Metrics, VersionStats};
 
@@ -38,6 +38,9 @@ pub struct RepositoryOptions {
     pub default_runtime: RuntimeKind,
     /// Path of `libonnxruntime.so` for the onnxruntime runtime (else `ORT_DYLIB_PATH`).
     pub onnxruntime_lib: Option<PathBuf>,
+    /// Input bytes the requests of every model may hold, queued or running; one more is
+    /// refused at once with RESOURCE_EXHAUSTED. Default 1 GiB.
+    pub max_queue_bytes: u64,
 }
 
 impl Default for RepositoryOptions {
@@ -46,6 +49,7 @@ impl Default for RepositoryOptions {
             max_model_size: 10 << 30,
             default_runtime: RuntimeKind::Tract,
             onnxruntime_lib: None,
+            max_queue_bytes: 1 << 30,
         }
     }
 }
@@ -107,13 +111,18 @@ pub(crate) struct Repository {
     catalog: ArcSwap<Catalog>,
     /// Serialises load and unload; never taken on the request path.
     admin: tokio::sync::Mutex<()>,
+    /// Input bytes every version's jobs hold (`max_queue_bytes`).
+    queued: Arc<QueuedBytes>,
 }
 
 impl Repository {
     pub(crate) fn new(root: PathBuf, options: RepositoryOptions, metrics: Metrics) -> Self {
         let runtimes = Runtimes::new(&options);
+        let queued =
+            QueuedBytes::new(usize::try_from(options.max_queue_bytes).unwrap_or(usize::MAX));
         Self {
             root,
+            queued,
             options,
             runtimes,
             metrics,
@@ -367,8 +376,8 @@ impl Repository {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(format!("cannot read {}: {e}", config_path.display())),
         };
-        let spec =
-            crate::pbtxt::parse_model_config(&config_path, &config_text).and_then(|config| {
+        let spec = switchyard_proto::pbtxt::parse_model_config(&config_path, &config_text)
+            .and_then(|config| {
                 ModelSpec::from_config(name, config, self.options.default_runtime)
                     .map_err(|e| format!("{}: {e}", config_path.display()))
             });
@@ -482,8 +491,14 @@ impl Repository {
                 spec.max_batch_size,
             )),
         };
-        let scheduler = Scheduler::start(spec.clone(), version, instances, stats.clone())
-            .map_err(|e| format!("cannot start the model's threads: {e}"))?;
+        let scheduler = Scheduler::start(
+            spec.clone(),
+            version,
+            instances,
+            stats.clone(),
+            self.queued.clone(),
+        )
+        .map_err(|e| format!("cannot start the model's threads: {e}"))?;
         info!(model = %spec.name, version, instances = spec.instances, "version ready");
         Ok(Arc::new(ServingVersion {
             spec,

@@ -45,12 +45,37 @@ impl LoadedModel for TractModel {
     fn instance(&self) -> Result<Box<dyn Instance>, String> {
         // A state per instance keeps op scratch space between runs.
         let state = self.plan.spawn().map_err(|e| format!("{e:#}"))?;
-        Ok(Box::new(TractInstance { state }))
+        Ok(Box::new(TractInstance {
+            plan: self.plan.clone(),
+            state,
+        }))
     }
 }
 
 struct TractInstance {
+    plan: Arc<TypedRunnableModel>,
     state: TypedSimpleState,
+}
+
+impl TractInstance {
+    /// A fresh state after a failed run: a run that fails, or panics (an index out of a
+    /// Gather's range does), leaves the state's symbol values and scratch as it stopped,
+    /// and every later run of the instance failed with "Clashing resolution for
+    /// expression".
+    fn reset(&mut self) {
+        if let Ok(state) = self.plan.spawn() {
+            self.state = state;
+        }
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 impl Instance for TractInstance {
@@ -68,7 +93,18 @@ impl Instance for TractInstance {
             }
             values.push(tensor.into_tvalue());
         }
-        let outputs = self.state.run(values).map_err(|e| format!("{e:#}"))?;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.state.run(values)));
+        let outputs = match run {
+            Ok(Ok(outputs)) => outputs,
+            Ok(Err(e)) => {
+                self.reset();
+                return Err(format!("{e:#}"));
+            }
+            Err(panic) => {
+                self.reset();
+                return Err(format!("tract panicked: {}", panic_message(&*panic)));
+            }
+        };
         outputs
             .into_iter()
             .map(|value| {
