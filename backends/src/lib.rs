@@ -28,7 +28,6 @@
 
 mod error;
 mod local;
-mod pbtxt;
 mod repository;
 mod request;
 mod runtime;

@@ -35,7 +35,7 @@ impl LocalModel {
         let dir = repository.join(model);
         let config_path = dir.join("config.pbtxt");
         let text = std::fs::read_to_string(&config_path).unwrap_or_default();
-        let config = crate::pbtxt::parse_model_config(&config_path, &text)?;
+        let config = switchyard_proto::pbtxt::parse_model_config(&config_path, &text)?;
         let spec = ModelSpec::from_config(model, config, options.default_runtime)?;
         let path = dir.join(version.to_string()).join(&spec.model_filename);
         let bytes =

@@ -26,6 +26,8 @@
 mod error;
 mod execute;
 mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod listener;
 mod metrics;

@@ -8,6 +8,8 @@
 //! * [`wire`]: the `ModelInferRequest` walk both sides share: checked as prost would
 //!   decode it, its decoded size bounded by its encoded size, split for forwarding.
 //! * [`codec`]: the codec of the generated client and server, prost's behind that check.
+//! * [`pbtxt`]: Triton's `config.pbtxt` text format into `ModelConfig`, errors as
+//!   `file:line:col`.
 //! * [`ElementType`]: a tensor element type in its three spellings (protocol string such as
 //!   `"FP32"`, config enum such as `TYPE_FP32`, byte width), shared by backend and gateway.
 //!
@@ -16,6 +18,9 @@
 
 pub mod codec;
 mod element;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod pbtxt;
 pub mod wire;
 
 pub use element::{ElementType, element_count};

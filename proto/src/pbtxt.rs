@@ -9,14 +9,14 @@
 
 use std::path::Path;
 
+use crate::inference::ModelConfig;
 use prost_reflect::{DynamicMessage, ReflectMessage};
-use switchyard_proto::inference::ModelConfig;
 
 /// Parses `text` (the contents of `path`) into a `ModelConfig`.
 ///
 /// The error names the file, line and column, for example
 /// `models/x/config.pbtxt:3:26: value 'TYPE_FP33' was not found for enum 'inference.DataType'`.
-pub(crate) fn parse_model_config(path: &Path, text: &str) -> Result<ModelConfig, String> {
+pub fn parse_model_config(path: &Path, text: &str) -> Result<ModelConfig, String> {
     let (fixed, inserted) = insert_list_colons(text);
     let descriptor = ModelConfig::default().descriptor();
     let message = DynamicMessage::parse_text_format(descriptor, &fixed).map_err(|err| {

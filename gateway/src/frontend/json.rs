@@ -119,6 +119,18 @@ pub(crate) fn parse_request(
                         binary.len()
                     ));
                 }
+                // A fixed-width tensor is exactly its shape's bytes (BYTES elements carry
+                // their own lengths).
+                if let Some(width) = element.byte_size()
+                    && count.checked_mul(width) != Some(size)
+                {
+                    return Err(format!(
+                        "input '{}': binary_data_size is {size} but shape {:?} of {element} holds {} bytes",
+                        input.name,
+                        input.shape,
+                        count.saturating_mul(width)
+                    ));
+                }
                 binary.split_to(size)
             }
             (None, Some(data)) => tensor_bytes(&input.name, element, count, data)?,
@@ -535,6 +547,11 @@ mod tests {
                 r#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[]}]}"#,
                 None,
                 "is not a shape",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[0,2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}abcdefgh"#,
+                Some(93),
+                "input 'x': binary_data_size is 8 but shape [0, 2] of FP32 holds 0 bytes",
             ),
             (
                 r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2,3]}]}"#,
