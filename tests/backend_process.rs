@@ -140,3 +140,42 @@ async fn a_request_that_would_decode_to_gigabytes_is_refused_before_decoding() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_an_open_model_stream_infer_and_exits() {
+    // A client that keeps its ModelStreamInfer stream open held graceful shutdown open
+    // forever: the server waits for every stream, and this one never ended.
+    let backend = BackendProcess::start(&sample_repo(), "127.0.0.1:0".parse().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut client = client(backend.addr).await;
+    let data = holdout();
+    tx.send(infer_request("digits_mlp", "1", &data.features[..1]))
+        .await
+        .unwrap();
+    let mut responses = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.message().await.unwrap().expect("an answer");
+    assert_eq!(first.error_message, "");
+    let pid = backend.pid();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The stream ends cleanly from the server's side while the client still holds it.
+    let end = tokio::time::timeout(Duration::from_secs(20), responses.message())
+        .await
+        .expect("the stream ends at shutdown");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    let exited = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+    });
+    assert!(exited, "the backend exits");
+    drop(tx);
+}

@@ -499,3 +499,39 @@ async fn topology_reads_need_the_token_unless_admin_topology_opens_them() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_goaway_before_it_closes_an_h2_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::digits().sample("digits.yaml").start().await;
+    let mut s = tokio::net::TcpStream::connect(gw.grpc).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    s.write_all(&hello).await.unwrap();
+    // The server's SETTINGS first: the connection is up.
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 4, "a SETTINGS frame");
+    let DigitsGateway { gw, stable, canary } = gw;
+    let stop = tokio::spawn(gw.stop());
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the drain");
+    // Walk the frames: a GOAWAY (type 7) comes before the end.
+    let mut frames = Vec::new();
+    let mut at = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    while at + 9 <= rest.len() {
+        let len = usize::from(rest[at]) << 16
+            | usize::from(rest[at + 1]) << 8
+            | usize::from(rest[at + 2]);
+        frames.push(rest[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        frames.contains(&7),
+        "frame types after SETTINGS: {frames:?}"
+    );
+    stop.await.unwrap();
+    drop((stable, canary));
+}

@@ -120,6 +120,8 @@ pub struct Backend {
     metrics: Metrics,
     max_request_size: usize,
     max_response_size: usize,
+    /// Ends open ModelStreamInfer streams at shutdown (`InferenceService::stopping`).
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Backend {
@@ -140,13 +142,16 @@ impl Backend {
             metrics.clone(),
         ));
         let serving = repo.load_all().await?;
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
         info!(repository = %root.display(), versions = serving, "model repository loaded");
         Ok(Self {
             service: service::InferenceService {
                 repo,
                 ready: Arc::new(AtomicBool::new(true)),
                 control: Arc::new(config.model_control.clone()),
+                stopping: stopping_rx,
             },
+            stopping: Arc::new(stopping_tx),
             metrics,
             max_request_size: config.max_request_size,
             max_response_size: config.max_response_size,
@@ -168,10 +173,12 @@ impl Backend {
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let ready = self.service.ready.clone();
+        let streams = self.stopping.clone();
         tokio::spawn(async move {
             shutdown.await;
             // Readiness drops first, so health checks steer traffic away while we drain.
             ready.store(false, Ordering::Release);
+            let _ = streams.send(true);
             let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

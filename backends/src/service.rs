@@ -38,6 +38,10 @@ pub(crate) struct InferenceService {
     pub(crate) ready: Arc<AtomicBool>,
     /// Who may load and unload models.
     pub(crate) control: Arc<crate::ModelControl>,
+    /// Turns true when shutdown starts: open ModelStreamInfer streams stop reading, answer
+    /// what they took, and end, so the server's graceful shutdown is not held open by a
+    /// stream that never ends.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Messages of one ModelStreamInfer stream that may be in flight at once.
@@ -243,8 +247,14 @@ impl GrpcInferenceService for InferenceService {
         // only when one finishes, so a client writing faster than the model answers is
         // held back by h2 flow control instead of growing the queue without bound.
         let in_flight = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
-            while let Some(next) = inbound.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    _ = stopping.wait_for(|stop| *stop) => None,
+                };
+                let Some(next) = next else { break };
                 let Ok(request) = next else { break };
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
