@@ -10,6 +10,7 @@
 //! status) never counts against a breaker and is never retried.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -112,8 +113,13 @@ pub(crate) enum Attempted {
     /// The deadline passed: answer with it, no retry.
     Expired(GatewayError),
     /// The target failed; `sent` says whether the request may have reached it (then only
-    /// idempotent routes retry).
-    Failed { sent: bool, error: GatewayError },
+    /// idempotent routes retry), `gone` whether the connection failed (refused, reset,
+    /// closed) rather than the backend answering with an error.
+    Failed {
+        sent: bool,
+        gone: bool,
+        error: GatewayError,
+    },
 }
 
 /// What one attempt says about the target's health, for its breaker.
@@ -155,7 +161,11 @@ pub(crate) fn classify(
                 reason: format!("{target}: cannot connect to {endpoint}: {reason}"),
             };
             return done(
-                Failed { sent: false, error },
+                Failed {
+                    sent: false,
+                    gone: true,
+                    error,
+                },
                 Health::Unhealthy,
                 Attempt::ConnectError,
             );
@@ -166,7 +176,11 @@ pub(crate) fn classify(
                 reason: format!("{target}: {endpoint}: {reason}"),
             };
             return done(
-                Failed { sent: true, error },
+                Failed {
+                    sent: true,
+                    gone: true,
+                    error,
+                },
                 Health::Unhealthy,
                 Attempt::TransportError,
             );
@@ -229,7 +243,11 @@ pub(crate) fn classify(
         s => {
             let error = GatewayError::Upstream { code: s, message };
             done(
-                Failed { sent: true, error },
+                Failed {
+                    sent: true,
+                    gone: false,
+                    error,
+                },
                 Health::Unhealthy,
                 Attempt::Failed,
             )
@@ -295,23 +313,53 @@ pub(crate) async fn infer<C: Call>(
     // Nested plans (cascade stages, ensemble members, shadows) try their own target only:
     // a fallback answering for a member would change what the strategy computes.
     let tries = if options.fallback { usize::MAX } else { 1 };
-    for target_id in route.candidates(decision).take(tries) {
+    let mut candidates = route.candidates(decision).take(tries);
+    // A target whose endpoint failed is tried again on another endpoint of its pool
+    // before the next target; `tried` holds the endpoints that failed it.
+    let mut again: Option<TargetId> = None;
+    let mut tried: Vec<usize> = Vec::new();
+    // A retry after a failed connection (refused, reset) adds no load to a backend that
+    // is struggling: that one is gone. Only retries after an error answer draw on the
+    // retry budget, which exists to keep retries from burying a slow backend.
+    let mut budgeted = false;
+    // The kind of retry the next attempt is (`Some(true)`: after sending), counted when it
+    // is made: a failure with nowhere left to go is no retry.
+    let mut retry_after_send: Option<bool> = None;
+    loop {
+        let (target_id, other_endpoint) = match again.take() {
+            Some(t) => (t, true),
+            None => match candidates.next() {
+                Some(t) => {
+                    tried.clear();
+                    (t, false)
+                }
+                None => break,
+            },
+        };
         let target = entry.target(target_id);
         let spec = route.target(target_id);
         // The decided target is tried even when its pool looks down; others only if up.
-        if attempts > 0 && !target.pool.has_healthy() {
+        if attempts > 0 && !other_endpoint && !target.pool.has_healthy() {
             skipped.push(format!("{}: no healthy endpoint", spec.name));
             continue;
         }
+        let endpoint = if other_endpoint {
+            match target.pool.pick_other(&tried) {
+                Some(e) => e,
+                None => continue,
+            }
+        } else {
+            target.pool.pick()
+        };
         let Some(admission) = target.state.breaker.admit() else {
             target.metrics.attempt(Attempt::BreakerOpen);
             entry.metrics.fallback_breaker.inc();
             skipped.push(format!("{}: circuit breaker open", spec.name));
             continue;
         };
-        // Every attempt after the first is a retry and needs the budget. (Returning or
-        // breaking drops the admission unrecorded: nothing was sent.)
-        let _retry = if attempts > 0 {
+        // A retry after an error answer needs the budget. (Returning or breaking drops
+        // the admission unrecorded: nothing was sent.)
+        let _retry = if budgeted {
             let Some(retry) = upstream.budget.try_retry() else {
                 entry.metrics.budget_exhausted.inc();
                 break;
@@ -332,18 +380,33 @@ pub(crate) async fn infer<C: Call>(
             });
         }
         attempts += 1;
+        match retry_after_send.take() {
+            Some(true) => entry.metrics.retry_after_send.inc(),
+            Some(false) => entry.metrics.retry_connect.inc(),
+            None => {}
+        }
         let chunks = message.chunks(&spec.model, &spec.version, left.as_micros() as u64);
         let result = upstream
             .call
-            .call(
-                target.pool.pick(),
-                MODEL_INFER,
-                &chunks,
-                left,
-                options.shadow,
-            )
+            .call(endpoint, MODEL_INFER, &chunks, left, options.shadow)
             .await;
-        let classified = classify(result, &deadline, Instant::now(), &route.name, &spec.name);
+        let mut classified = classify(result, &deadline, Instant::now(), &route.name, &spec.name);
+        if let Attempted::Failed {
+            gone: true, sent, ..
+        } = classified.attempted
+        {
+            let address = Arc::as_ptr(endpoint) as usize;
+            if !sent {
+                // Refused: nothing listens there. Waiting for two failed health checks
+                // sent every other request to it meanwhile.
+                endpoint.eject();
+            }
+            // One endpoint's connection says nothing of the target served elsewhere: a
+            // pool with one endpoint dead opened the breaker of every target on it.
+            if target.pool.has_other_healthy(address) {
+                classified.health = Health::Unknown;
+            }
+        }
         match classified.health {
             Health::Healthy => admission.record(true),
             Health::Unhealthy => admission.record(false),
@@ -363,19 +426,24 @@ pub(crate) async fn infer<C: Call>(
                     target: Some(target_id),
                 });
             }
-            Attempted::Failed { sent, error } => {
+            Attempted::Failed { sent, gone, error } => {
                 last = Some(Failure {
                     error,
                     target: Some(target_id),
                 });
                 if !sent {
-                    // Nothing was sent: always safe to try the next target.
-                    entry.metrics.retry_connect.inc();
+                    // Nothing was sent: always safe to try elsewhere.
+                    retry_after_send = Some(false);
                 } else if route.retry.idempotent && after_send_retries < route.retry.attempts {
                     after_send_retries += 1;
-                    entry.metrics.retry_after_send.inc();
+                    retry_after_send = Some(true);
                 } else {
                     break;
+                }
+                budgeted = !gone;
+                tried.push(Arc::as_ptr(endpoint) as usize);
+                if target.pool.pick_other(&tried).is_some() {
+                    again = Some(target_id);
                 }
             }
         }
@@ -432,8 +500,19 @@ mod tests {
             Attempted::Answered(_) => ("answered", 0),
             Attempted::Refused(e) => ("refused", e.rescue().grpc),
             Attempted::Expired(e) => ("expired", e.rescue().grpc),
-            Attempted::Failed { sent: true, error } => ("failed after send", error.rescue().grpc),
-            Attempted::Failed { sent: false, error } => ("not sent", error.rescue().grpc),
+            Attempted::Failed {
+                sent: true,
+                gone: true,
+                error,
+            } => ("connection failed after send", error.rescue().grpc),
+            Attempted::Failed {
+                sent: true,
+                gone: false,
+                error,
+            } => ("failed after send", error.rescue().grpc),
+            Attempted::Failed {
+                sent: false, error, ..
+            } => ("not sent", error.rescue().grpc),
         };
         (kind, c.health, grpc)
     }
@@ -546,7 +625,11 @@ mod tests {
                     reason: "reset".into(),
                 }),
                 route,
-                ("failed after send", Health::Unhealthy, code::UNAVAILABLE),
+                (
+                    "connection failed after send",
+                    Health::Unhealthy,
+                    code::UNAVAILABLE,
+                ),
             ),
         ];
         for (what, result, d, want) in cases {
@@ -795,23 +878,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn retries_stop_when_the_budget_is_spent() {
-        let (entry, _) = entry("");
+    async fn retries_after_an_error_answer_stop_when_the_budget_is_spent() {
+        let (entry, _) = entry("retry: { attempts: 1, idempotent: true }\n");
         let budget = RetryBudget::new(0, 0);
         let script = Script::default();
-        script.push(
-            A,
-            Err(CallError::Connect {
-                endpoint: A.into(),
-                reason: "refused".into(),
-            }),
-        );
+        script.push(A, status(code::UNAVAILABLE, "busy"));
         script.push(B, ok());
         let f = run(&script, &entry, &budget, deadline(false), true)
             .await
             .unwrap_err();
         assert_eq!(f.target, Some(TargetId(0)));
         assert_eq!(script.calls(), [A], "no budget, no retry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connection_is_retried_elsewhere_whatever_the_budget() {
+        // Requests in flight when a backend dies all fail at once; the budget's floor of
+        // 3 retries let the fourth fail although the fallback was healthy. Retrying a
+        // gone backend's requests adds no load to it.
+        let (entry, _) = entry("retry: { attempts: 1, idempotent: true }\n");
+        let budget = RetryBudget::new(0, 0);
+        for failure in [
+            CallError::Connect {
+                endpoint: A.into(),
+                reason: "refused".into(),
+            },
+            CallError::Transport {
+                endpoint: A.into(),
+                reason: "ReadError: connection reset".into(),
+            },
+        ] {
+            let script = Script::default();
+            script.push(A, Err(failure));
+            script.push(B, ok());
+            let answer = run(&script, &entry, &budget, deadline(false), true)
+                .await
+                .unwrap();
+            assert_eq!(answer.target, TargetId(1));
+            assert_eq!(script.calls(), [A, B]);
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,6 +73,13 @@ impl Endpoint {
         self.healthy.load(Ordering::Acquire)
     }
 
+    /// Takes the endpoint out of rotation at once: a connection to it was refused, so
+    /// nothing listens there. The health checks bring it back once it passes them.
+    pub(crate) fn eject(&self) {
+        self.passed_checks.store(0, Ordering::Release);
+        self.set_healthy(false, "connection refused");
+    }
+
     fn set_healthy(&self, healthy: bool, why: &str) {
         if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
             if healthy {
@@ -102,6 +109,23 @@ impl Pool {
             .map(|i| &self.endpoints[(start + i) % n])
             .find(|e| e.is_healthy())
             .unwrap_or(&self.endpoints[start % n])
+    }
+
+    /// A healthy endpoint that is none of `tried` (their addresses), round robin: where a
+    /// retry of the same target goes after an endpoint failed it.
+    pub(crate) fn pick_other(&self, tried: &[usize]) -> Option<&Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.endpoints[(start + i) % n])
+            .find(|e| e.is_healthy() && !tried.contains(&(Arc::as_ptr(e) as usize)))
+    }
+
+    /// Whether an endpoint other than `except` (its address) is healthy.
+    pub(crate) fn has_other_healthy(&self, except: usize) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| e.is_healthy() && Arc::as_ptr(e) as usize != except)
     }
 
     pub(crate) fn has_healthy(&self) -> bool {
