@@ -427,3 +427,151 @@ async fn sigkill_under_a_strategy_loses_no_request() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_of_the_gateway_under_load_fails_no_accepted_request() {
+    // The gateway as a process in front of a backend process; gRPC clients keep their
+    // connections, REST clients open one per request. After SIGTERM a client may be
+    // refused (the listener is closed) but a request the gateway took must be answered.
+    let backend = BackendProcess::start(&sample_repo(), "127.0.0.1:0".parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/r.yaml"),
+        "version: 1\nroute: r\ntargets:\n  t: { backend: a, model: digits_mlp, version: 1 }\ndefault: t\ndeadline: 2s\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  a: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n", backend.addr),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["gateway", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = |name: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    let (grpc, http_addr) = (addr("grpc="), addr("http="));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let cut = Arc::new(AtomicUsize::new(0));
+    let lost = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (stop_tx, stop) = watch::channel(false);
+    let rows = Arc::new(holdout().features);
+    let mut tasks = Vec::new();
+    for worker in 0..8usize {
+        let (accepted, refused, cut, lost, rows, stop) = (
+            accepted.clone(),
+            refused.clone(),
+            cut.clone(),
+            lost.clone(),
+            rows.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut grpc_client = if worker % 2 == 0 {
+                Some(client(grpc).await)
+            } else {
+                None
+            };
+            let mut i = worker;
+            while !*stop.borrow() {
+                i = (i + 7) % rows.len();
+                let row = &rows[i..i + 1];
+                match &mut grpc_client {
+                    Some(c) => match c.model_infer(infer_request("r", "", row)).await {
+                        Ok(_) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // tonic's own words for a connection it could not (re)open, or a
+                        // stream the server refused after its GOAWAY: never taken.
+                        Err(s)
+                            if s.code() == tonic::Code::Unavailable
+                                && !s.message().contains("route 'r'") =>
+                        {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        // The channel's own connection closing under a request it had
+                        // not sent, or had sent just as the GOAWAY came: the client
+                        // cannot tell which (counted apart, see below).
+                        Err(s)
+                            if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+                                && !s.message().contains("route 'r'") =>
+                        {
+                            cut.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(s) => lost.lock().push(format!("grpc {:?}: {}", s.code(), s.message())),
+                    },
+                    None => {
+                        let Ok(mut s) = tokio::net::TcpStream::connect(http_addr).await else {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        };
+                        let body = rest_infer_body(row);
+                        let head = format!(
+                            "POST /v2/models/r/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let _ = s.write_all(&body).await;
+                        let mut out = Vec::new();
+                        let read = s.read_to_end(&mut out).await;
+                        if out.starts_with(b"HTTP/1.1 200") {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        } else if out.is_empty() {
+                            // Closed or reset before a byte of answer: the connection sat
+                            // in the kernel's backlog when the listener closed.
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            lost.lock().push(format!(
+                                "rest {read:?}: {}",
+                                String::from_utf8_lossy(&out[..out.len().min(200)])
+                            ));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = accepted.load(Ordering::Relaxed);
+    signal(child.id(), "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    finish(stop_tx, tasks).await;
+    let lost = lost.lock();
+    eprintln!(
+        "gateway sigterm: {} answered ({} before the signal), {} refused, {} cut by the gRPC channel's connection closing, {} lost{}",
+        accepted.load(Ordering::Relaxed),
+        before,
+        refused.load(Ordering::Relaxed),
+        cut.load(Ordering::Relaxed),
+        lost.len(),
+        lost.iter()
+            .take(5)
+            .map(|l| format!("\n  {l}"))
+            .collect::<String>()
+    );
+    assert!(status.success(), "exit status {status:?}");
+    assert!(lost.is_empty(), "accepted requests failed");
+    drop(backend);
+}
