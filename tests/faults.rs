@@ -239,8 +239,9 @@ async fn sigkill_on_a_route_that_is_not_idempotent_fails_only_what_reached_the_d
                 "run {run} over {protocol}: {what}"
             );
         }
-        // At most the requests that were in flight on b when it died.
-        assert!(tally.failed() <= 8, "run {run}: {} failed", tally.failed());
+        // The requests in flight on b when it died, and those sent on its connection
+        // before the gateway saw it close: a handful, never the load that followed.
+        assert!(tally.failed() <= 16, "run {run}: {} failed", tally.failed());
         assert!(tally.worst_us.load(Ordering::Relaxed) < 2_500_000);
         drop(a);
         gw.stop().await;

@@ -395,16 +395,19 @@ pub(crate) async fn infer<C: Call>(
             gone: true, sent, ..
         } = classified.attempted
         {
-            let address = Arc::as_ptr(endpoint) as usize;
-            if !sent {
-                // Refused: nothing listens there. Waiting for two failed health checks
-                // sent every other request to it meanwhile.
-                endpoint.eject();
-            }
             // One endpoint's connection says nothing of the target served elsewhere: a
-            // pool with one endpoint dead opened the breaker of every target on it.
-            if target.pool.has_other_healthy(address) {
+            // pool with one endpoint dead opened the breaker of every target on it. And a
+            // refused connect means nothing listens there: waiting for two failed health
+            // checks sent every other request to it meanwhile. (A pool's only endpoint
+            // is left to the target's breaker and the health checks.)
+            if target
+                .pool
+                .has_other_healthy(Arc::as_ptr(endpoint) as usize)
+            {
                 classified.health = Health::Unknown;
+                if !sent {
+                    endpoint.eject();
+                }
             }
         }
         match classified.health {
