@@ -172,6 +172,32 @@ fn split_policy(idempotent: bool, deadline: &str) -> String {
     )
 }
 
+/// Loads route `r` of `gw` with 4 clients a protocol, applies `fault` after 300 ms, keeps
+/// the load 500 ms more, and reports it as `scenario`.
+async fn under_load<F: std::future::Future<Output = ()>>(
+    gw: &TestGateway,
+    scenario: &str,
+    fault: F,
+) -> Arc<Tally> {
+    let (stop_tx, stop) = watch::channel(false);
+    let (tally, tasks) = drive(gw, "r", 4, &stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fault.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    finish(stop_tx, tasks).await;
+    tally.report(scenario, retries(&gw.metrics().await));
+    tally
+}
+
+/// Retries the gateway made (after a failed connection or send; not the candidates it
+/// skipped for an open breaker, which the same family counts as `breaker_open`).
+fn retries(metrics: &str) -> f64 {
+    ["connect_failure", "after_send"]
+        .iter()
+        .map(|r| metric(metrics, "switchyard_retries_total", &[("reason", r)]))
+        .sum()
+}
+
 /// Repetitions of the kill scenarios: enough to show a race that loses one run in three.
 const REPEATS: usize = 10;
 
@@ -180,14 +206,8 @@ async fn sigkill_of_a_split_member_loses_no_request_on_an_idempotent_route() {
     let mut total = (0, 0);
     for run in 0..REPEATS {
         let (gw, a, b) = setup("a,b", split_policy(true, "2s"), "").await;
-        let (stop_tx, stop) = watch::channel(false);
-        let (tally, tasks) = drive(&gw, "r", 4, &stop);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        b.kill();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        finish(stop_tx, tasks).await;
-        let retried = metric(&gw.metrics().await, "switchyard_retries_total", &[]);
-        tally.report(&format!("sigkill split, run {run}"), retried);
+        let scenario = format!("sigkill split, run {run}");
+        let tally = under_load(&gw, &scenario, async { b.kill() }).await;
         total.0 += tally.requests.load(Ordering::Relaxed);
         total.1 += tally.failed();
         assert_eq!(tally.failed(), 0, "run {run}: a request was lost");
@@ -206,14 +226,8 @@ async fn sigkill_of_one_endpoint_of_a_pool_loses_no_request() {
     let policy = "version: 1\nroute: r\ntargets:\n  t: { backend: ab, model: digits_mlp, version: 1 }\ndefault: t\ndeadline: 2s\nretry: { attempts: 1, idempotent: true }\n".to_owned();
     for run in 0..REPEATS {
         let (gw, a, b) = setup("ab", policy.clone(), "").await;
-        let (stop_tx, stop) = watch::channel(false);
-        let (tally, tasks) = drive(&gw, "r", 4, &stop);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        b.kill();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        finish(stop_tx, tasks).await;
-        let retried = metric(&gw.metrics().await, "switchyard_retries_total", &[]);
-        tally.report(&format!("sigkill pool endpoint, run {run}"), retried);
+        let scenario = format!("sigkill pool endpoint, run {run}");
+        let tally = under_load(&gw, &scenario, async { b.kill() }).await;
         assert_eq!(tally.failed(), 0, "run {run}: a request was lost");
         drop(a);
         gw.stop().await;
@@ -222,16 +236,11 @@ async fn sigkill_of_one_endpoint_of_a_pool_loses_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_on_a_route_that_is_not_idempotent_fails_only_what_reached_the_dead_backend() {
-    for run in 0..REPEATS / 2 {
+    for run in 0..REPEATS {
         let (gw, a, b) = setup("a,b", split_policy(false, "2s"), "").await;
         let b_addr = b.addr.to_string();
-        let (stop_tx, stop) = watch::channel(false);
-        let (tally, tasks) = drive(&gw, "r", 4, &stop);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        b.kill();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        finish(stop_tx, tasks).await;
-        tally.report(&format!("sigkill, not idempotent, run {run}"), 0.0);
+        let scenario = format!("sigkill, not idempotent, run {run}");
+        let tally = under_load(&gw, &scenario, async { b.kill() }).await;
         for (_, protocol, what) in tally.failures.lock().iter() {
             let unavailable = what.starts_with("Unavailable") || what.starts_with("502");
             assert!(
@@ -250,18 +259,17 @@ async fn sigkill_on_a_route_that_is_not_idempotent_fails_only_what_reached_the_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backend_restarted_on_its_port_loses_no_request() {
-    for run in 0..REPEATS / 2 {
+    for run in 0..REPEATS {
         let (gw, a, b) = setup("a,b", split_policy(true, "2s"), "").await;
         let port = b.addr;
-        let (stop_tx, stop) = watch::channel(false);
-        let (tally, tasks) = drive(&gw, "r", 4, &stop);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        b.kill();
-        let b = BackendProcess::start(&sample_repo(), port);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        finish(stop_tx, tasks).await;
-        let retried = metric(&gw.metrics().await, "switchyard_retries_total", &[]);
-        tally.report(&format!("restart on its port, run {run}"), retried);
+        let restarted = Mutex::new(None);
+        let scenario = format!("restart on its port, run {run}");
+        let tally = under_load(&gw, &scenario, async {
+            b.kill();
+            *restarted.lock() = Some(BackendProcess::start(&sample_repo(), port));
+        })
+        .await;
+        let b = restarted.into_inner();
         assert_eq!(tally.failed(), 0, "run {run}: a request was lost");
         drop((a, b));
         gw.stop().await;
@@ -270,21 +278,18 @@ async fn a_backend_restarted_on_its_port_loses_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_policy_reload_and_a_backend_kill_at_once_lose_no_request() {
-    for run in 0..REPEATS / 2 {
+    for run in 0..REPEATS {
         let (gw, a, b) = setup("a,b", split_policy(true, "2s"), "").await;
-        let (stop_tx, stop) = watch::channel(false);
-        let (tally, tasks) = drive(&gw, "r", 4, &stop);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        gw.write_policy(
-            "r.yaml",
-            &split_policy(true, "2s").replace("ta: 50, tb: 50", "ta: 30, tb: 70"),
-        );
-        let (reloaded, ()) = tokio::join!(gw.admin_reload(), async { b.kill() });
-        assert_eq!(reloaded.0, 200, "{:?}", reloaded.1);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        finish(stop_tx, tasks).await;
-        let retried = metric(&gw.metrics().await, "switchyard_retries_total", &[]);
-        tally.report(&format!("reload and kill, run {run}"), retried);
+        let scenario = format!("reload and kill, run {run}");
+        let tally = under_load(&gw, &scenario, async {
+            gw.write_policy(
+                "r.yaml",
+                &split_policy(true, "2s").replace("ta: 50, tb: 50", "ta: 30, tb: 70"),
+            );
+            let (reloaded, ()) = tokio::join!(gw.admin_reload(), async { b.kill() });
+            assert_eq!(reloaded.0, 200, "{:?}", reloaded.1);
+        })
+        .await;
         assert_eq!(tally.failed(), 0, "run {run}: a request was lost");
         drop(a);
         gw.stop().await;
@@ -326,10 +331,7 @@ async fn a_frozen_backend_is_taken_out_by_deadline_and_breaker_and_comes_back() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     finish(stop_tx, tasks).await;
     let m = gw.metrics().await;
-    tally.report(
-        "sigstop then sigcont",
-        metric(&m, "switchyard_retries_total", &[]),
-    );
+    tally.report("sigstop then sigcont", retries(&m));
     for (_, protocol, what) in tally.failures.lock().iter() {
         assert!(
             what.starts_with("DeadlineExceeded") || what.starts_with("504"),
@@ -405,19 +407,13 @@ async fn sigkill_under_a_strategy_loses_no_request() {
         ),
     ];
     for (strategy, plan) in plans {
-        for run in 0..3 {
+        for run in 0..REPEATS {
             let policy = format!(
                 "version: 1\nroute: r\n{targets}{plan}deadline: 2s\nretry: {{ attempts: 1, idempotent: true }}\n"
             );
             let (gw, a, b) = setup("a,b", policy, "").await;
-            let (stop_tx, stop) = watch::channel(false);
-            let (tally, tasks) = drive(&gw, "r", 4, &stop);
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            b.kill();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            finish(stop_tx, tasks).await;
-            let retried = metric(&gw.metrics().await, "switchyard_retries_total", &[]);
-            tally.report(&format!("sigkill under a {strategy}, run {run}"), retried);
+            let scenario = format!("sigkill under a {strategy}, run {run}");
+            let tally = under_load(&gw, &scenario, async { b.kill() }).await;
             assert_eq!(
                 tally.failed(),
                 0,

@@ -138,6 +138,22 @@ pub fn peak_rss(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
+/// Asserts that a process's peak memory grew by at most 4 × a request's `size` (plus
+/// 32 MiB for what the allocator keeps), and says by how much.
+pub fn assert_peak_within(what: &str, grown: u64, size: usize) {
+    eprintln!(
+        "{what}: peak RSS grew by {:.1} MiB for {} MiB",
+        grown as f64 / f64::from(1 << 20),
+        size >> 20
+    );
+    assert!(
+        grown < 4 * size as u64 + (32 << 20),
+        "{what}: the peak grew by {} MiB for {} MiB",
+        grown >> 20,
+        size >> 20
+    );
+}
+
 /// A `switchyard backend` child process, for tests that kill backends for real.
 pub struct BackendProcess {
     pub addr: SocketAddr,
