@@ -73,8 +73,9 @@ impl<'a> Executor<'a> {
     pub(crate) async fn decided(&self, decision: &Decision) -> Result<Answer, Failure> {
         match decision.target {
             Some(_) => self.target(decision, self.deadline, true).await,
-            None => self
-                .plan(decision.plan, self.deadline.at)
+            // A strategy's future is boxed: a single target's path does not carry the
+            // size of every strategy's state (futures are moved whole).
+            None => Box::pin(self.plan(decision.plan, self.deadline.at))
                 .await
                 .map_err(|error| Failure {
                     error,

@@ -55,11 +55,15 @@ impl ProxyHttp for Frontend {
     }
 
     /// The whole request: decode, route, run, reply (see `frontend::models::infer`).
+    ///
+    /// An async fn's future is as large as its largest branch, and this one is boxed
+    /// (async_trait) and moved on every request: the REST and admin branches (JSON, a
+    /// reload) are boxed on their own, so a gRPC request moves only its own state.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match self.port {
             Port::Grpc => grpc::serve(&self.shared, session, ctx).await,
-            Port::Rest => rest::serve(&self.shared, session, ctx).await,
-            Port::Admin => admin::serve(&self.shared, session, ctx).await,
+            Port::Rest => Box::pin(rest::serve(&self.shared, session, ctx)).await,
+            Port::Admin => Box::pin(admin::serve(&self.shared, session, ctx)).await,
         }
         Ok(true)
     }

@@ -115,7 +115,9 @@ pub(crate) async fn infer(
     let run = async {
         match &entry.cache {
             None => exec.decided(&decision).await,
-            Some(cache) => cached(&exec, cache, &decision, said).await,
+            // The cache's future (moka's) is large; boxed, the uncached path does not
+            // carry its size (a future is moved whole, several times, per request).
+            Some(cache) => Box::pin(cached(&exec, cache, &decision, said)).await,
         }
     };
     let result = tokio::select! {
