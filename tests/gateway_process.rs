@@ -219,18 +219,21 @@ fn gateway_child_on(
     (child, addrs)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixteen_mebibytes_of_empty_inputs_are_refused_before_anything_decodes_them() {
-    // The cache key decoded the whole request: 2 bytes of an empty `inputs` entry became a
-    // few hundred, and 16 MiB of them raised the gateway's peak by gigabytes. Now the walk
-    // that checks the request adds up what it would take decoded and refuses it at the
-    // edge, so no backend (ours or Triton) is handed it either. The route's pool is down,
-    // so only the gateway's own work counts.
+/// A gateway child whose route `route` (with `extra` policy lines) targets a pool nobody
+/// listens on, with a 32 MiB body limit: only the gateway's own work costs memory.
+fn gateway_on_a_dead_pool(
+    route: &str,
+    extra: &str,
+) -> (
+    tempfile::TempDir,
+    std::process::Child,
+    std::collections::HashMap<String, std::net::SocketAddr>,
+) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(
-        dir.path().join("policies/cached.yaml"),
-        "version: 1\nroute: cached\ntargets:\n  a: { backend: dead, model: digits_mlp, version: 1 }\ndefault: a\ncache: { ttl: 1m }\n",
+        dir.path().join(format!("policies/{route}.yaml")),
+        format!("version: 1\nroute: {route}\ntargets:\n  a: {{ backend: dead, model: digits_mlp, version: 1 }}\ndefault: a\n{extra}"),
     )
     .unwrap();
     std::fs::write(
@@ -238,7 +241,19 @@ async fn sixteen_mebibytes_of_empty_inputs_are_refused_before_anything_decodes_t
         "listen: { http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }\npolicies: policies\nbackends:\n  dead: { endpoints: [\"127.0.0.1:1\"] }\nreload: { watch: false }\nlimits: { max_body_bytes: 32MiB }\n",
     )
     .unwrap();
-    let (mut child, grpc) = gateway_child(&dir.path().join("gateway.yaml"));
+    let (child, addrs) = gateway_child_on(&dir.path().join("gateway.yaml"));
+    (dir, child, addrs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mebibytes_of_empty_inputs_are_refused_before_anything_decodes_them() {
+    // The cache key decoded the whole request: 2 bytes of an empty `inputs` entry became a
+    // few hundred, and 16 MiB of them raised the gateway's peak by gigabytes. Now the walk
+    // that checks the request adds up what it would take decoded and refuses it at the
+    // edge, so no backend (ours or Triton) is handed it either. The route's pool is down,
+    // so only the gateway's own work counts.
+    let (_dir, mut child, addrs) = gateway_on_a_dead_pool("cached", "cache: { ttl: 1m }\n");
+    let grpc = addrs["grpc"];
     let before = peak_rss(child.id());
     let size = 16 << 20;
     let mut body = vec![0x0a, 0x06];
@@ -266,19 +281,7 @@ async fn a_sixteen_mebibyte_json_tensor_costs_the_gateway_a_few_times_its_size()
     // The JSON body was parsed into a tree of values (about 40 bytes a number) and then
     // flattened and converted: roughly 50 times the body at its peak. Now it is parsed
     // straight into the tensor's bytes, which go out as they are.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/json.yaml"),
-        "version: 1\nroute: json\ntargets:\n  a: { backend: dead, model: digits_mlp, version: 1 }\ndefault: a\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        "listen: { http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }\npolicies: policies\nbackends:\n  dead: { endpoints: [\"127.0.0.1:1\"] }\nreload: { watch: false }\nlimits: { max_body_bytes: 32MiB }\n",
-    )
-    .unwrap();
-    let (mut child, addrs) = gateway_child_on(&dir.path().join("gateway.yaml"));
+    let (_dir, mut child, addrs) = gateway_on_a_dead_pool("json", "");
     let before = peak_rss(child.id());
     let size: usize = 16 << 20;
     let head = r#"{"inputs":[{"name":"INPUT__0","datatype":"FP32","shape":["#;
