@@ -11,20 +11,8 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let repo = tempfile::tempdir().unwrap();
-    let model = repo.path().join("slow");
-    std::fs::create_dir_all(model.join("1")).unwrap();
-    std::fs::copy(
-        sample_repo().join("digits_linear/1/model.onnx"),
-        model.join("1/model.onnx"),
-    )
-    .unwrap();
     // Requests wait 600 ms for a batch to fill, so they are still in flight at SIGTERM.
-    std::fs::write(
-        model.join("config.pbtxt"),
-        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 600000 }\n",
-    )
-    .unwrap();
+    let repo = patient_repo("slow", 8, 600_000);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["backend", "--model-repository"])

@@ -905,19 +905,7 @@ async fn with_nothing_healthy_the_client_gets_unavailable_naming_the_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_from_the_route_and_from_grpc_timeout() {
     // A model whose requests wait a full second in the batch queue.
-    let repo = tempfile::tempdir().unwrap();
-    let model = repo.path().join("slow");
-    std::fs::create_dir_all(model.join("1")).unwrap();
-    std::fs::copy(
-        sample_repo().join("digits_linear/1/model.onnx"),
-        model.join("1/model.onnx"),
-    )
-    .unwrap();
-    std::fs::write(
-        model.join("config.pbtxt"),
-        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n",
-    )
-    .unwrap();
+    let repo = patient_repo("slow", 8, 1_000_000);
     let backend = TestBackend::start(repo.path()).await;
     let slow = "version: 1\nroute: slow\ntargets:\n  s: { backend: stable, model: slow, version: 1 }\ndefault: s\ndeadline: 100ms\n";
     let patient = "version: 1\nroute: patient\ntargets:\n  s: { backend: stable, model: slow, version: 1 }\ndefault: s\ndeadline: 10s\n";
