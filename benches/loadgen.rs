@@ -6,11 +6,18 @@
 //!   started here on an ephemeral port) at each concurrency, then the in-process runtime
 //!   at every batch size, whose best is the ceiling a server can approach; prints the
 //!   ratio server / in-process.
-//! * `proxies`: the same load against (a) the backend directly, (b) `switchyard gateway`
-//!   with a single-target route, (c) nginx `grpc_pass` (Debian's nginx, config in
-//!   `benches/nginx-grpc.conf`), interleaved per concurrency; prints gateway/direct and
-//!   gateway/nginx for throughput and latency. nginx missing: its column is skipped.
-//!
+//! * `proxies`: the same load against the backend directly and through each proxy in
+//!   front of it, interleaved per concurrency: `switchyard gateway` (a single-target route
+//!   named like the model), nginx `grpc_pass`, HAProxy and Envoy (configs in
+//!   `benches/loadgen/`; a peer that is not installed is skipped, `.ci/run bench-peers`
+//!   installs them). Prints throughput as a ratio to direct, latency, and the CPU per
+//!   request of every process (`/proc`, requests counted by the backend's metrics); then
+//!   each proxy under callgrind: instructions and allocations per request.
+//!   `--pin` reproduces issue 9's set-up: client on CPU 0, backend and proxy on CPU 1,
+//!   one worker per proxy. `--client perf_analyzer` drives the points with Triton's
+//!   perf_analyzer (`tests/interop/perf_analyzer/install.sh`) instead of this process.
+//!   `--reps N` repeats the interleaved sequence; `--callgrind N` sets the requests
+//!   counted (0: no callgrind).
 //! * `strategies`: two backends and `switchyard gateway` with the sample strategy routes,
 //!   over the held-out rows, interleaved per concurrency: single target vs the same with a
 //!   100% shadow; always-MLP vs the cascade (and MLP calls per request, from the gateway's
@@ -18,7 +25,8 @@
 //!   uncached vs served from the cache.
 //!
 //! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies] [--duration 5]
-//! [--warmup 1] [--concurrency 1,8,32]`
+//! [--warmup 1] [--concurrency 1,8,32] [--pin] [--client loadgen|perf_analyzer] [--reps 1]
+//! [--workers N] [--callgrind 1000]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
 //! compare ratios from one run, never numbers from different runs.
 
@@ -35,6 +43,11 @@ use switchyard_proto::inference::{
 };
 use tonic::transport::Channel;
 
+#[path = "loadgen/callgrind.rs"]
+mod callgrind;
+#[path = "loadgen/peers.rs"]
+mod peers;
+
 struct Args {
     scenario: String,
     duration: Duration,
@@ -42,6 +55,16 @@ struct Args {
     concurrency: Vec<usize>,
     model: String,
     version: String,
+    /// `proxies`: client on CPU 0, backend and proxy under test on CPU 1, one worker each.
+    pin: bool,
+    /// `proxies`: `loadgen` (this process) or `perf_analyzer`.
+    client: String,
+    /// `proxies`: workers of every proxy (default: 1 pinned, else one per core).
+    workers: Option<usize>,
+    /// `proxies`: times the whole interleaved sequence runs.
+    reps: usize,
+    /// `proxies`: requests counted under callgrind per proxy (0: none).
+    callgrind: usize,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +75,11 @@ fn parse_args() -> Args {
         concurrency: vec![1, 8, 32],
         model: "digits_mlp".to_owned(),
         version: "1".to_owned(),
+        pin: false,
+        client: "loadgen".to_owned(),
+        workers: None,
+        reps: 1,
+        callgrind: 1000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +98,11 @@ fn parse_args() -> Args {
             "--model" => args.model = value(),
             "--scenario" => args.scenario = value(),
             "--version" => args.version = value(),
+            "--pin" => args.pin = true,
+            "--client" => args.client = value(),
+            "--workers" => args.workers = Some(value().parse().expect("a number")),
+            "--reps" => args.reps = value().parse().expect("a number"),
+            "--callgrind" => args.callgrind = value().parse().expect("a number"),
             // `cargo bench` passes --bench; nothing else is expected.
             "--bench" => {}
             other => panic!("unknown flag {other}; see the header of benches/loadgen.rs"),
@@ -192,9 +225,28 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::start_with(&args)
+    }
+
+    /// `switchyard` with `args`, where a `taskset -c N` before the subcommand pins it.
+    fn start_with(args: &[String]) -> Self {
+        let mut argv: Vec<String> = Vec::new();
+        let sub = args
+            .iter()
+            .position(|a| a == "backend" || a == "gateway")
+            .unwrap_or(0);
+        argv.extend(args[..sub].iter().cloned());
+        argv.push(env!("CARGO_BIN_EXE_switchyard").into());
+        argv.extend(args[sub..].iter().cloned());
+        Self::start_program(&argv)
+    }
+
+    /// `argv[0]` with the rest as arguments; its first stdout line names its addresses.
+    fn start_program(argv: &[String]) -> Self {
         use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(args)
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -213,34 +265,30 @@ impl Server {
 
     /// `switchyard backend` on `repo`, on ephemeral ports.
     fn backend(repo: &Path) -> Self {
-        Self::start(&[
-            "backend",
-            "--model-repository",
-            repo.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
+        Self::backend_with(repo, &[])
     }
 
-    /// CPU time (user + system) the process has used so far, in seconds (`/proc`, whose
-    /// clock ticks are USER_HZ = 100 on Linux).
+    /// The same, run through `prefix` (`taskset -c N`).
+    fn backend_with(repo: &Path, prefix: &[String]) -> Self {
+        let mut args = prefix.to_vec();
+        args.extend(
+            [
+                "backend",
+                "--model-repository",
+                repo.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ]
+            .map(String::from),
+        );
+        Self::start_with(&args)
+    }
+
+    /// CPU time (user + system) the process has used so far, in seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start at ") ".
-        let fields: Vec<&str> = stat
-            .rsplit_once(") ")
-            .map_or(vec![], |(_, rest)| rest.split(' ').collect());
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        (ticks(11) + ticks(12)) / 100.0
+        peers::tree_cpu_seconds(self.child.id())
     }
 
     fn addr(&self, key: &str) -> SocketAddr {
@@ -280,71 +328,6 @@ fn in_process(repo: &Path, model: &str, version: u64, batch: usize, duration: Du
     rows as f64 / start.elapsed().as_secs_f64()
 }
 
-/// A free loopback port (bound, read, released) for processes that cannot report theirs.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// nginx with `grpc_pass` to `backend`, as a child process; `None` when nginx is missing.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start(backend: SocketAddr, workers: usize) -> Option<Self> {
-        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("tmp")).unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/nginx-grpc.conf"),
-        )
-        .unwrap();
-        let conf = template
-            .replace("@WORKERS@", &workers.to_string())
-            .replace("@LISTEN@", &addr.to_string())
-            .replace("@BACKEND@", &backend.to_string());
-        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = Command::new(bin)
-            .arg("-p")
-            .arg(format!("{}/", dir.path().display()))
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                return Some(Self {
-                    child,
-                    addr,
-                    _dir: dir,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-QUIT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         format!("{:.2}", a / b)
@@ -353,95 +336,491 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
-    let backend = Server::backend(repo);
-    let backend_addr = backend.addr("grpc");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/bench.yaml"),
-        format!("version: 1\nroute: bench\ntargets:\n  t: {{ backend: pool, model: {}, version: {} }}\ndefault: t\n", args.model, args.version),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!("listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  pool: {{ endpoints: [\"{backend_addr}\"] }}\nreload: {{ watch: false }}\n"),
-    )
-    .unwrap();
-    let gateway = Server::start(&[
-        "gateway",
-        "--config",
-        dir.path().join("gateway.yaml").to_str().unwrap(),
-    ]);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let nginx = Nginx::start(backend_addr, workers);
-    if nginx.is_none() {
-        println!("\n(nginx not found: install Debian's nginx for the peer column)");
+/// The client that drives a `proxies` point.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    /// This process's closed loop (tonic, one connection per worker).
+    Loadgen,
+    /// Triton's perf_analyzer (`tests/interop/perf_analyzer`), sync, one thread per stream.
+    PerfAnalyzer,
+}
+
+/// One target at one concurrency: what the client saw, and the CPU each process used.
+struct Point {
+    throughput: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    /// Requests the backend answered during the point (its `nv_inference_request_success`).
+    served: f64,
+    /// CPU seconds during the point: backend, proxy (none for direct), client.
+    backend_cpu: f64,
+    proxy_cpu: f64,
+    client_cpu: f64,
+}
+
+impl Point {
+    fn per_request_us(&self, cpu: f64) -> f64 {
+        if self.served > 0.0 {
+            cpu / self.served * 1e6
+        } else {
+            0.0
+        }
     }
-    let direct_req = request(&args.model, &args.version, 1);
-    let gateway_req = request("bench", "", 1);
-    println!(
-        "\nproxies: same closed-loop load, interleaved per concurrency (gateway tokio workers = nginx workers = {workers})"
-    );
-    println!(
-        "\n| target | concurrency | req/s | p50 µs | p90 µs | p99 µs | errors |\n| --- | --- | --- | --- | --- | --- | --- |"
-    );
-    let mut summary = Vec::new();
-    for &c in &args.concurrency {
-        let direct = runtime.block_on(closed_loop(
-            backend_addr,
-            c,
-            args.warmup,
-            args.duration,
-            vec![direct_req.clone()],
-        ));
-        println!("{}", direct.row("direct", c));
-        let gw = runtime.block_on(closed_loop(
-            gateway.addr("grpc"),
-            c,
-            args.warmup,
-            args.duration,
-            vec![gateway_req.clone()],
-        ));
-        println!("{}", gw.row("switchyard gateway", c));
-        let ng = nginx.as_ref().map(|n| {
-            runtime.block_on(closed_loop(
-                n.addr,
+}
+
+/// The perf_analyzer wrapper, when its install script has run.
+fn perf_analyzer() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("PERF_ANALYZER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/perf-analyzer"));
+    dir.join("bin/perf_analyzer")
+        .exists()
+        .then(|| root.join("tests/interop/perf_analyzer/perf_analyzer"))
+}
+
+/// User + system seconds of a child that has exited but is not yet reaped: a zombie's
+/// `/proc/<pid>/stat` still holds the times of all its threads. Waits for it to exit.
+fn cpu_at_exit(child: &mut Child) -> f64 {
+    let path = format!("/proc/{}/stat", child.id());
+    loop {
+        let stat = std::fs::read_to_string(&path).unwrap_or_default();
+        let rest: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map_or(vec![], |(_, r)| r.split(' ').collect());
+        if rest.first().is_none_or(|state| *state == "Z") {
+            let t = |i: usize| {
+                rest.get(i)
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            return (t(11) + t(12)) / 100.0;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One perf_analyzer run at `concurrency`: (throughput, p50 µs, p99 µs, its CPU seconds),
+/// or its error output.
+fn run_perf_analyzer(
+    bin: &Path,
+    addr: SocketAddr,
+    args: &Args,
+    concurrency: usize,
+    prefix: &[String],
+) -> Result<(f64, f64, f64, f64), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("out.csv");
+    let interval_ms = (args.duration.as_millis() / 3).max(500).to_string();
+    let mut child = peers::launch(prefix, bin)
+        .args([
+            "-m",
+            &args.model,
+            "-x",
+            &args.version,
+            "-i",
+            "grpc",
+            "-b",
+            "1",
+        ])
+        .arg("-u")
+        .arg(addr.to_string())
+        .arg("--concurrency-range")
+        .arg(format!("{concurrency}:{concurrency}"))
+        .args([
+            "-p",
+            &interval_ms,
+            "--max-trials",
+            "6",
+            "--stability-percentage",
+            "50",
+        ])
+        .arg("-f")
+        .arg(&csv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start perf_analyzer: {e}"))?;
+    let stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let cpu = cpu_at_exit(&mut child);
+    let status = child.wait().unwrap();
+    let errors = errors.join().unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap_or_default();
+    let mut lines = text.lines();
+    let (Some(header), Some(row)) = (lines.next(), lines.next()) else {
+        return Err(format!("perf_analyzer {status}: {}", errors.trim()));
+    };
+    let header: Vec<&str> = header.split(',').collect();
+    let row: Vec<&str> = row.split(',').collect();
+    let column = |name: &str| -> f64 {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .and_then(|i| row.get(i)?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        column("Inferences/Second"),
+        column("p50 latency"),
+        column("p99 latency"),
+        cpu,
+    ))
+}
+
+/// The cores of this machine, and with `--pin` the one the client runs on and the one
+/// the backend and the proxy under test share.
+struct Placement {
+    client: Option<usize>,
+    server: Option<usize>,
+}
+
+impl Placement {
+    fn prefix(cpu: Option<usize>) -> Vec<String> {
+        cpu.map_or(vec![], |c| {
+            vec!["taskset".into(), "-c".into(), c.to_string()]
+        })
+    }
+}
+
+/// The proxies under test, each in front of the same backend.
+enum Proxy {
+    Gateway(Server),
+    Peer(peers::Peer),
+}
+
+impl Proxy {
+    fn name(&self) -> &'static str {
+        match self {
+            Proxy::Gateway(_) => "switchyard gateway",
+            Proxy::Peer(p) => p.name,
+        }
+    }
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Proxy::Gateway(g) => g.addr("grpc"),
+            Proxy::Peer(p) => p.addr,
+        }
+    }
+    fn pid(&self) -> u32 {
+        match self {
+            Proxy::Gateway(g) => g.child.id(),
+            Proxy::Peer(p) => p.pid(),
+        }
+    }
+}
+
+/// A gateway config with one route named like the model (so that the same request and
+/// perf_analyzer's metadata calls work on every target) to `backend`, in `dir`.
+fn gateway_config(dir: &Path, args: &Args, backend: SocketAddr, workers: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(
+        dir.join("policies/bench.yaml"),
+        format!(
+            "version: 1\nroute: {m}\ntargets:\n  t: {{ backend: pool, model: {m}, version: {v} }}\ndefault: t\n",
+            m = args.model,
+            v = args.version
+        ),
+    )
+    .unwrap();
+    let path = dir.join("gateway.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  pool: {{ endpoints: [\"{backend}\"] }}\nreload: {{ watch: false }}\nworkers: {workers}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    args: &Args,
+    runtime: &tokio::runtime::Runtime,
+    client: Client,
+    placement: &Placement,
+    backend: &Server,
+    proxy: Option<&Proxy>,
+    c: usize,
+) -> Point {
+    let addr = proxy.map_or(backend.addr("grpc"), Proxy::addr);
+    let metrics = backend.addr("metrics");
+    let served = || scrape(metrics, "nv_inference_request_success", &[]);
+    let proxy_cpu = || proxy.map_or(0.0, |p| peers::tree_cpu_seconds(p.pid()));
+    let backend_cpu = || peers::tree_cpu_seconds(backend.child.id());
+    let (s0, b0, p0) = (served(), backend_cpu(), proxy_cpu());
+    let (throughput, p50_us, p99_us, errors, client_cpu) = match client {
+        Client::Loadgen => {
+            let own0 = peers::tree_cpu_seconds(std::process::id());
+            let r = runtime.block_on(closed_loop(
+                addr,
                 c,
                 args.warmup,
                 args.duration,
-                vec![direct_req.clone()],
-            ))
-        });
-        if let Some(ng) = &ng {
-            println!("{}", ng.row("nginx grpc_pass", c));
+                vec![request(&args.model, &args.version, 1)],
+            ));
+            let own = peers::tree_cpu_seconds(std::process::id()) - own0;
+            let q = |q: f64| r.latency_us.value_at_quantile(q) as f64;
+            (r.throughput(), q(0.5), q(0.99), r.errors, own)
         }
-        summary.push((c, direct, gw, ng));
+        Client::PerfAnalyzer => {
+            let bin = perf_analyzer().expect("perf_analyzer installed");
+            match run_perf_analyzer(&bin, addr, args, c, &Placement::prefix(placement.client)) {
+                Ok((t, p50, p99, cpu)) => (t, p50, p99, 0, cpu),
+                Err(e) => {
+                    println!("({e})");
+                    (0.0, 0.0, 0.0, 1, 0.0)
+                }
+            }
+        }
+    };
+    Point {
+        throughput,
+        p50_us,
+        p99_us,
+        errors,
+        served: served() - s0,
+        backend_cpu: backend_cpu() - b0,
+        proxy_cpu: proxy_cpu() - p0,
+        client_cpu,
+    }
+}
+
+fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let placement = if args.pin {
+        assert!(cores >= 2, "--pin needs two cores");
+        Placement {
+            client: Some(0),
+            server: Some(1),
+        }
+    } else {
+        Placement {
+            client: None,
+            server: None,
+        }
+    };
+    // Pinned, every proxy gets one worker on the server core; else one per core.
+    let workers = args.workers.unwrap_or(if args.pin { 1 } else { cores });
+    let client = match args.client.as_str() {
+        "loadgen" => Client::Loadgen,
+        "perf_analyzer" if perf_analyzer().is_some() => Client::PerfAnalyzer,
+        "perf_analyzer" => {
+            println!(
+                "\n(perf_analyzer is not installed: run tests/interop/perf_analyzer/install.sh; using the loadgen client)"
+            );
+            Client::Loadgen
+        }
+        other => panic!("unknown --client {other}: loadgen or perf_analyzer"),
+    };
+    if let Some(cpu) = placement.client {
+        // Threads started from here on (the tokio runtime's are already running and are
+        // moved with -a) inherit the client core.
+        let _ = Command::new("taskset")
+            .args([
+                "-a",
+                "-p",
+                "-c",
+                &cpu.to_string(),
+                &std::process::id().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let server_prefix = Placement::prefix(placement.server);
+    let backend = Server::backend_with(repo, &server_prefix);
+    let backend_addr = backend.addr("grpc");
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), args, backend_addr, workers);
+    let mut gateway_args = server_prefix.clone();
+    gateway_args.extend([
+        "gateway".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]);
+    let mut proxies = vec![Proxy::Gateway(Server::start_with(&gateway_args))];
+    for (name, start) in [
+        ("nginx", peers::Peer::nginx as fn(_, _, &_) -> _),
+        ("haproxy", peers::Peer::haproxy),
+        ("envoy", peers::Peer::envoy),
+    ] {
+        match start(backend_addr, workers, &server_prefix) {
+            Some(p) => proxies.push(Proxy::Peer(p)),
+            None => println!(
+                "\n({name} not found or not starting: its column is skipped; `.ci/run bench-peers` installs the peers)"
+            ),
+        }
     }
     println!(
-        "\n| concurrency | throughput gateway/direct | gateway/nginx | p50 gateway/direct | p50 gateway/nginx | p99 gateway/direct | p99 gateway/nginx | added p50 µs gateway | added p50 µs nginx |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "\nproxies: one backend, each proxy in front of it, interleaved per concurrency; client {}; {}; every proxy with {workers} worker(s)",
+        if client == Client::Loadgen {
+            "loadgen (tonic)"
+        } else {
+            "Triton perf_analyzer"
+        },
+        if args.pin {
+            "pinned: client on CPU 0, backend and proxy under test on CPU 1"
+        } else {
+            "not pinned (client, proxy and backend share every core)"
+        }
     );
-    for (c, d, g, n) in &summary {
-        let p = |r: &Report, q: f64| r.latency_us.value_at_quantile(q) as f64;
-        let (nt, n50, n99) = n
-            .as_ref()
-            .map_or((0.0, 0.0, 0.0), |n| (n.throughput(), p(n, 0.5), p(n, 0.99)));
+    println!(
+        "\n| rep | target | concurrency | req/s | ratio to direct | p50 µs | p99 µs | errors | proxy CPU µs/req | backend CPU µs/req | client CPU µs/req |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    // (concurrency, target index: 0 = direct, then proxies) -> points over reps.
+    let mut points: Vec<Vec<Vec<Point>>> = args
+        .concurrency
+        .iter()
+        .map(|_| (0..=proxies.len()).map(|_| Vec::new()).collect())
+        .collect();
+    for rep in 1..=args.reps {
+        for (ci, &c) in args.concurrency.iter().enumerate() {
+            let mut direct_rate = 0.0;
+            for target in 0..=proxies.len() {
+                let proxy = target.checked_sub(1).map(|i| &proxies[i]);
+                let p = measure(args, runtime, client, &placement, &backend, proxy, c);
+                if target == 0 {
+                    direct_rate = p.throughput;
+                }
+                println!(
+                    "| {rep} | {} | {c} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} |",
+                    proxy.map_or("direct", Proxy::name),
+                    p.throughput,
+                    ratio(p.throughput, direct_rate),
+                    p.p50_us,
+                    p.p99_us,
+                    p.errors,
+                    if proxy.is_some() {
+                        format!("{:.1}", p.per_request_us(p.proxy_cpu))
+                    } else {
+                        "-".into()
+                    },
+                    p.per_request_us(p.backend_cpu),
+                    p.per_request_us(p.client_cpu),
+                );
+                points[ci][target].push(p);
+            }
+        }
+    }
+    let names: Vec<&str> = proxies.iter().map(Proxy::name).collect();
+    let header = |what: &str| {
         println!(
-            "| {c} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
-            ratio(g.throughput(), d.throughput()),
-            ratio(g.throughput(), nt),
-            ratio(p(g, 0.5), p(d, 0.5)),
-            ratio(p(g, 0.5), n50),
-            ratio(p(g, 0.99), p(d, 0.99)),
-            ratio(p(g, 0.99), n99),
-            p(g, 0.5) - p(d, 0.5),
-            if n.is_some() {
-                format!("{:.0}", n50 - p(d, 0.5))
-            } else {
-                "-".to_owned()
-            },
+            "\n{what}\n\n| concurrency | {} |\n| --- |{}",
+            names.join(" | "),
+            " --- |".repeat(names.len())
+        )
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    header("throughput as a ratio to the direct backend (mean over reps of each rep's ratio):");
+    for (ci, &c) in args.concurrency.iter().enumerate() {
+        let row: Vec<String> = (1..=proxies.len())
+            .map(|t| {
+                let ratios: Vec<f64> = points[ci][t]
+                    .iter()
+                    .zip(&points[ci][0])
+                    .map(|(p, d)| p.throughput / d.throughput.max(1e-9))
+                    .collect();
+                format!("{:.2}", mean(&ratios))
+            })
+            .collect();
+        println!("| {c} | {} |", row.join(" | "));
+    }
+    header(
+        "CPU per request of the proxy process(es), µs (from /proc; requests counted by the backend):",
+    );
+    for (ci, &c) in args.concurrency.iter().enumerate() {
+        let row: Vec<String> = (1..=proxies.len())
+            .map(|t| {
+                let us: Vec<f64> = points[ci][t]
+                    .iter()
+                    .map(|p| p.per_request_us(p.proxy_cpu))
+                    .collect();
+                format!("{:.1}", mean(&us))
+            })
+            .collect();
+        println!("| {c} | {} |", row.join(" | "));
+    }
+    drop(proxies);
+    if args.callgrind > 0 {
+        instructions_per_request(args, runtime, &backend);
+    }
+}
+
+/// Each proxy (the gateway, HAProxy, nginx; Envoy links its own allocator and is left
+/// out) under callgrind, one at a time, unary gRPC at concurrency 1: instructions and
+/// allocations per request over `--callgrind` requests after a warm-up.
+fn instructions_per_request(args: &Args, runtime: &tokio::runtime::Runtime, backend: &Server) {
+    if !callgrind::available() {
+        println!("\n(valgrind not found: no instruction counts; install Debian's valgrind)");
+        return;
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/loadgen");
+    std::fs::create_dir_all(&out).unwrap();
+    let n = args.callgrind;
+    println!(
+        "\ninstructions per request under valgrind --tool=callgrind, one worker, {n} unary requests at concurrency 1 after 200 to warm up:\n\n| proxy | instructions / request | allocations / request | profile |\n| --- | --- | --- | --- |"
+    );
+    let backend_addr = backend.addr("grpc");
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = callgrind::command(dir.path());
+    let config = gateway_config(dir.path(), args, backend_addr, 1);
+    let mut gateway_args = prefix.clone();
+    gateway_args.extend([
+        env!("CARGO_BIN_EXE_switchyard").into(),
+        "gateway".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]);
+    let started: Vec<(&str, Option<Proxy>)> = vec![
+        (
+            "gateway",
+            Some(Proxy::Gateway(Server::start_program(&gateway_args))),
+        ),
+        (
+            "haproxy",
+            peers::Peer::haproxy(backend_addr, 1, &prefix).map(Proxy::Peer),
+        ),
+        (
+            "nginx",
+            peers::Peer::nginx(backend_addr, 1, &prefix).map(Proxy::Peer),
+        ),
+    ];
+    for (short, proxy) in started {
+        let Some(proxy) = proxy else { continue };
+        let request = request(&args.model, &args.version, 1);
+        let addr = proxy.addr();
+        let run = |count: usize| {
+            runtime.block_on(async {
+                let channel = Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .expect("connect");
+                let mut client = GrpcInferenceServiceClient::new(channel);
+                for _ in 0..count {
+                    client.model_infer(request.clone()).await.expect("infer");
+                }
+            })
+        };
+        run(200);
+        callgrind::instrument_on(proxy.pid());
+        run(n);
+        let count = callgrind::dump(proxy.pid(), dir.path());
+        let keep = out.join(format!("callgrind.out.{short}"));
+        let _ = std::fs::copy(&count.file, &keep);
+        println!(
+            "| {} | {:.0} | {:.1} | {} |",
+            proxy.name(),
+            count.instructions as f64 / n as f64,
+            count.allocations as f64 / n as f64,
+            keep.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                .unwrap_or(&keep)
+                .display()
         );
     }
+    println!("\n(`callgrind_annotate --inclusive=yes <profile>` shows where the instructions go)");
 }
 
 fn main() {
