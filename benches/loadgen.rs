@@ -678,10 +678,10 @@ fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
     for rep in 1..=args.reps {
         for (ci, &c) in args.concurrency.iter().enumerate() {
             let mut direct_rate = 0.0;
-            for target in 0..=proxies.len() {
+            for (target, at) in points[ci].iter_mut().enumerate() {
                 let proxy = target.checked_sub(1).map(|i| &proxies[i]);
                 let p = measure(args, runtime, client, &placement, &backend, proxy, c);
-                if target == 0 {
+                if proxy.is_none() {
                     direct_rate = p.throughput;
                 }
                 println!(
@@ -700,7 +700,7 @@ fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
                     p.per_request_us(p.backend_cpu),
                     p.per_request_us(p.client_cpu),
                 );
-                points[ci][target].push(p);
+                at.push(p);
             }
         }
     }

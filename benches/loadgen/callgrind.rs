@@ -107,14 +107,14 @@ fn parse(text: &str) -> (u64, u64) {
             if line.starts_with("cfn=") {
                 callee_is_alloc = matches!(name, "malloc" | "calloc" | "realloc");
             }
-        } else if let Some(calls) = line.strip_prefix("calls=") {
-            if callee_is_alloc {
-                allocations += calls
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
+        } else if let Some(calls) = line.strip_prefix("calls=")
+            && callee_is_alloc
+        {
+            allocations += calls
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     (total, allocations)

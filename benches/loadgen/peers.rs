@@ -214,10 +214,10 @@ pub(crate) fn tree_cpu_seconds(root: u32) -> f64 {
     let mut procs = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
-                if let Some((cpu, ppid)) = stat(pid) {
-                    procs.push((pid, ppid, cpu));
-                }
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                && let Some((cpu, ppid)) = stat(pid)
+            {
+                procs.push((pid, ppid, cpu));
             }
         }
     }

@@ -7,7 +7,7 @@
 //! * `snapshot`: a policy version with its runtime handles, swapped whole by `reload`.
 //! * `frontend`: pingora sessions to requests and back (`grpc`, `rest`, `admin`, `json`).
 //! * `upstream::attempt`: breaker admission, fallbacks, retries, deadline; `upstream`: pools, pooled
-//!   h2c connections (pingora's connector), health checks, breakers, retry budget.
+//!   h2c connections (one per worker thread and endpoint), health checks, breakers, retry budget.
 //! * `grpc`: the gRPC codec both sides share (framing, status, `grpc-timeout`, method
 //!   paths); `grpc::infer` reads `model_name`/`model_version` from a `ModelInferRequest` without decoding
 //!   its tensors, and rewrites them for the chosen target.

@@ -301,7 +301,7 @@ async fn control<Req: Message, Resp: Message + Default>(
     shared: &Shared,
     entry: &RouteEntry,
     target: TargetId,
-    path: &str,
+    path: &'static str,
     req: &Req,
 ) -> Result<Resp, GatewayError> {
     let pool = &entry.target(target).pool;

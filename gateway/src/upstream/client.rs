@@ -1,17 +1,30 @@
-//! Unary gRPC calls to backend endpoints over pingora's pooled HTTP/2 (h2c) connections.
+//! Unary gRPC calls to backend endpoints over HTTP/2 (h2c) connections that belong to the
+//! worker thread making the call.
 //!
 //! The gateway speaks gRPC upstream itself rather than through a generic client: a connect
 //! failure (nothing sent, always safe to retry elsewhere) must be told apart from a failure
 //! after the request left, and the request body goes out as a list of `Bytes` chunks so a
 //! forwarded tensor is never copied.
+//!
+//! Each worker thread keeps one h2 connection per endpoint (`Endpoint::conns`), driven by a
+//! task on that thread's event loop: a call never wakes another thread, takes no lock of
+//! ours, and finds its connection with one thread-local lookup. pingora's connection pool
+//! checked every reused connection's peer address with a `getpeername` syscall and rebuilt
+//! the request header through two conversions; a call now builds its `http::Request` once.
+//! A connection that died is replaced by the next call on that thread before anything is
+//! sent, so a restarted backend costs no request.
 
+use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::http::v2::Connector;
-use pingora_core::protocols::http::client::HttpSession;
-use pingora_http::RequestHeader;
+use h2::client::SendRequest;
+use http::header::{CONTENT_TYPE, TE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use prometheus::IntGauge;
+use tracing::debug;
 
 use crate::grpc::frame::{frame, unframe};
 use crate::grpc::status::{code, grpc_status, grpc_timeout};
@@ -44,22 +57,15 @@ pub(crate) enum CallError {
 /// chunks, within `budget`. The remaining budget travels as `grpc-timeout`; shadow copies
 /// carry `x-switchyard-shadow: 1`.
 pub(crate) async fn unary(
-    connector: &Connector,
     endpoint: &Endpoint,
-    path: &str,
+    path: &'static str,
     message: &[Bytes],
     budget: Duration,
     shadow: bool,
 ) -> Result<Reply, CallError> {
     // Counted here, so a call cut short by its budget leaves the count too.
     let _stream = InFlight::new(&endpoint.streams);
-    let crowded = endpoint.streams.get() > i64::from(CROWDED);
-    match tokio::time::timeout(
-        budget,
-        exchange(connector, endpoint, path, message, budget, shadow, crowded),
-    )
-    .await
-    {
+    match tokio::time::timeout(budget, exchange(endpoint, path, message, budget, shadow)).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout {
             endpoint: endpoint.address.clone(),
@@ -68,13 +74,28 @@ pub(crate) async fn unary(
     }
 }
 
-/// Streams one upstream h2 connection carries at most; more concurrent calls to an
-/// endpoint open more connections.
-pub(crate) const MAX_STREAMS: usize = 100;
+/// How an endpoint is reached: resolved once when the pools are built.
+#[derive(Debug)]
+pub(crate) struct Dial {
+    pub(crate) addr: SocketAddr,
+    /// `:authority` of every request: the endpoint's address, the honest one.
+    pub(crate) authority: Authority,
+    pub(crate) connect_timeout: Duration,
+    /// PING interval on idle and busy connections alike; a PONG missing for
+    /// [`PING_TIMEOUT`] closes the connection (a peer powered off or partitioned sends no
+    /// FIN and no RST).
+    pub(crate) ping_interval: Duration,
+}
 
-/// Calls in flight to one endpoint above which a finished call hands its connection back
-/// to the pool (see `exchange`).
-const CROWDED: u32 = MAX_STREAMS as u32 / 2;
+/// The connection each worker thread holds to one endpoint.
+pub(crate) type Conns = thread_local::ThreadLocal<RefCell<Option<SendRequest<Bytes>>>>;
+
+/// How long a PING may go unanswered.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Flow-control windows: 8 MiB per stream and per connection (pingora's values), so a
+/// tensor of a few MiB is not held back by WINDOW_UPDATE round trips.
+const WINDOW: u32 = 1 << 23;
 
 /// One call counted in an endpoint's `switchyard_upstream_streams` while it lasts.
 struct InFlight<'a>(&'a IntGauge);
@@ -92,106 +113,201 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// This thread's connection to `endpoint`, if it has one. (The slot is looked up again
+/// after every await: on a work-stealing runtime, such as the health checks', the call may
+/// resume on another thread.)
+fn held(endpoint: &Endpoint) -> Option<SendRequest<Bytes>> {
+    endpoint
+        .conns
+        .get_or(|| RefCell::new(None))
+        .borrow()
+        .clone()
+}
+
+fn hold(endpoint: &Endpoint, send: Option<SendRequest<Bytes>>) {
+    *endpoint.conns.get_or(|| RefCell::new(None)).borrow_mut() = send;
+}
+
+/// A ready handle on this thread's connection to `endpoint`, opening one when there is
+/// none or when the one there has closed. Nothing is sent before this returns, so every
+/// error here is a [`CallError::Connect`].
+async fn ready(endpoint: &Endpoint) -> Result<SendRequest<Bytes>, CallError> {
+    if let Some(send) = held(endpoint) {
+        match send.ready().await {
+            Ok(send) => return Ok(send),
+            // The connection ended (the backend restarted, went away, or sent GOAWAY).
+            Err(e) => debug!(endpoint = %endpoint.address, "upstream connection closed: {e}"),
+        }
+    }
+    // Calls that find no connection wait for the one that opens it, so a burst to a cold
+    // endpoint opens one connection, not one per call.
+    let _connecting = endpoint.connecting.lock().await;
+    if let Some(send) = held(endpoint)
+        && let Ok(send) = send.ready().await
+    {
+        return Ok(send);
+    }
+    hold(endpoint, None);
+    let send = connect(endpoint).await?;
+    hold(endpoint, Some(send.clone()));
+    send.ready().await.map_err(|e| CallError::Connect {
+        endpoint: endpoint.address.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Opens an h2c connection (prior knowledge) and spawns its driver on this thread.
+async fn connect(endpoint: &Endpoint) -> Result<SendRequest<Bytes>, CallError> {
+    let dial = &endpoint.dial;
+    let failed = |reason: String| CallError::Connect {
+        endpoint: endpoint.address.clone(),
+        reason,
+    };
+    let tcp = match tokio::time::timeout(
+        dial.connect_timeout,
+        tokio::net::TcpStream::connect(dial.addr),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Err(_) => {
+            return Err(failed(format!(
+                "no connection within {:?}",
+                dial.connect_timeout
+            )));
+        }
+    };
+    // Small unary calls: no Nagle delay on the request's last frame.
+    let _ = tcp.set_nodelay(true);
+    let handshake = h2::client::Builder::new()
+        .enable_push(false)
+        .max_frame_size(64 * 1024)
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .handshake::<_, Bytes>(tcp);
+    let (send, mut connection) = match tokio::time::timeout(dial.connect_timeout, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err(failed(format!("HTTP/2 handshake: {e}"))),
+        Err(_) => {
+            return Err(failed(format!(
+                "no HTTP/2 handshake within {:?}",
+                dial.connect_timeout
+            )));
+        }
+    };
+    endpoint.connects.inc();
+    let pings = connection.ping_pong();
+    let (address, interval) = (endpoint.address.clone(), dial.ping_interval);
+    tokio::spawn(async move {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    debug!(endpoint = %address, "upstream connection ended: {e}");
+                }
+            }
+            () = keepalive(pings, interval) => {
+                tracing::warn!(endpoint = %address, "upstream connection closed: no PONG within {PING_TIMEOUT:?}");
+            }
+        }
+    });
+    Ok(send)
+}
+
+/// Sends a PING every `interval` and returns when one goes unanswered for
+/// [`PING_TIMEOUT`]; never returns when pings are off or unavailable.
+async fn keepalive(pings: Option<h2::PingPong>, interval: Duration) {
+    let Some(mut pings) = pings.filter(|_| !interval.is_zero()) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection itself failed: its driver ends it.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
+/// The request header of one call.
+fn request(dial: &Dial, path: &'static str, budget: Duration, shadow: bool) -> Request<()> {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(dial.authority.clone());
+    uri.path_and_query = Some(PathAndQuery::from_static(path));
+    let mut req = Request::new(());
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+    let headers: &mut HeaderMap = req.headers_mut();
+    headers.reserve(4);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(TE, HeaderValue::from_static("trailers"));
+    if let Ok(v) = HeaderValue::try_from(grpc_timeout(budget)) {
+        headers.insert(HeaderName::from_static("grpc-timeout"), v);
+    }
+    if shadow {
+        // Backends (and their logs and metrics) can tell shadow traffic apart.
+        headers.insert(
+            HeaderName::from_static("x-switchyard-shadow"),
+            HeaderValue::from_static("1"),
+        );
+    }
+    req
+}
+
 async fn exchange(
-    connector: &Connector,
     endpoint: &Endpoint,
-    path: &str,
+    path: &'static str,
     message: &[Bytes],
     budget: Duration,
     shadow: bool,
-    crowded: bool,
 ) -> Result<Reply, CallError> {
-    let (peer, address) = (&endpoint.peer, endpoint.address.as_str());
-    let connect = |e: Box<pingora_core::Error>| CallError::Connect {
+    let address = endpoint.address.as_str();
+    let transport = |e: h2::Error| CallError::Transport {
         endpoint: address.to_owned(),
         reason: describe(&e),
     };
-    let transport = |e: Box<pingora_core::Error>| CallError::Transport {
-        endpoint: address.to_owned(),
-        reason: describe(&e),
-    };
-    let mut session = match connector.reused_http_session(peer).await.map_err(connect)? {
-        Some(session) => session,
-        None => {
-            // pingora's pool opens a connection per caller that finds no free stream: a
-            // burst of calls to a cold endpoint opened one each. One call connects; the
-            // others wait for it and share it (or the next, once it is full).
-            let _connecting = endpoint.connecting.lock().await;
-            match connector.reused_http_session(peer).await.map_err(connect)? {
-                Some(session) => session,
-                None => {
-                    endpoint.connects.inc();
-                    match connector
-                        .new_http_session::<_, ()>(peer)
-                        .await
-                        .map_err(connect)?
-                    {
-                        HttpSession::H2(h2) => h2,
-                        _ => {
-                            return Err(CallError::Connect {
-                                endpoint: address.to_owned(),
-                                reason: "the endpoint did not speak HTTP/2".into(),
-                            });
-                        }
-                    }
-                }
+    let mut send = ready(endpoint).await?;
+    let (response, mut body) =
+        match send.send_request(request(&endpoint.dial, path, budget, shadow), false) {
+            Ok(pair) => pair,
+            // Refused before a byte of this stream left: the connection had just closed.
+            Err(e) => {
+                return Err(CallError::Connect {
+                    endpoint: address.to_owned(),
+                    reason: describe(&e),
+                });
+            }
+        };
+    // h2 buffers the data and sends it with the HEADERS frame when the connection task
+    // next writes: one write for the whole request.
+    for (chunk, end) in frame(message) {
+        body.send_data(chunk, end).map_err(transport)?;
+    }
+    let response = response.await.map_err(transport)?;
+    let (parts, mut recv) = response.into_parts();
+    // A reply that arrives in one DATA frame (the usual case) is kept without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(transport)?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        match (first.take(), joined.as_mut()) {
+            (_, Some(all)) => all.extend_from_slice(&chunk),
+            (None, None) => first = Some(chunk),
+            (Some(f), None) => {
+                let mut all = BytesMut::with_capacity(f.len() + chunk.len());
+                all.extend_from_slice(&f);
+                all.extend_from_slice(&chunk);
+                joined = Some(all);
             }
         }
-    };
-    let h2 = &mut session;
-    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(5)).map_err(connect)?;
-    // h2 needs an authority; the endpoint address is the honest one.
-    req.insert_header("host", address).map_err(connect)?;
-    req.insert_header("content-type", "application/grpc")
-        .map_err(connect)?;
-    req.insert_header("te", "trailers").map_err(connect)?;
-    req.insert_header("grpc-timeout", grpc_timeout(budget))
-        .map_err(connect)?;
-    if shadow {
-        // Backends (and their logs and metrics) can tell shadow traffic apart.
-        req.insert_header("x-switchyard-shadow", "1")
-            .map_err(connect)?;
     }
-    h2.write_request_header(Box::new(req), false)
-        .map_err(connect)?;
-    // Hand the body to h2 directly: pingora's write_request_body first waits for flow-control
-    // capacity (a scheduler round trip per frame); h2 buffers the data and sends it with
-    // the HEADERS frame when the connection task next writes.
-    let mut body = h2
-        .take_request_body_writer()
-        .ok_or_else(|| CallError::Connect {
-            endpoint: address.to_owned(),
-            reason: "no request body stream".to_owned(),
-        })?;
-    for (chunk, end) in frame(message) {
-        body.send_data(chunk, end)
-            .map_err(|e| CallError::Transport {
-                endpoint: address.to_owned(),
-                reason: e.to_string(),
-            })?;
-    }
-    h2.read_response_header().await.map_err(transport)?;
-    let header = h2.response_header().cloned();
-    let mut body = BytesMut::new();
-    while let Some(chunk) = h2.read_response_body().await.map_err(transport)? {
-        body.extend_from_slice(&chunk);
-    }
-    let trailers = h2.read_trailers().await.map_err(transport)?;
-    let http_status = header.as_ref().map_or(0, |h| h.status.as_u16());
-    let (status, message) = grpc_status(header.as_ref().map(|h| &h.headers), trailers.as_ref());
-    // Below CROWDED calls in flight, dropping the stream (rather than
-    // release_http_session) keeps the h2 connection in pingora's in-use pool: release
-    // moves a connection with no open stream to the idle pool and spawns an idle-timeout
-    // task for it, which at low concurrency happened on every request. But a connection
-    // whose last free stream was taken left the in-use pool, and only a release puts it
-    // back: with more calls in flight, every call releases, so a full connection is
-    // reused once a stream frees instead of churning new ones. Closed connections are
-    // skipped and dropped by the pool either way.
-    if crowded {
-        connector.release_http_session(session, peer, peer.options.idle_timeout);
-    } else {
-        drop(session);
-    }
+    let trailers = recv.trailers().await.map_err(transport)?;
+    let http_status = parts.status.as_u16();
+    let (status, message) = grpc_status(Some(&parts.headers), trailers.as_ref());
     let Some(status) = status else {
         return Err(CallError::Transport {
             endpoint: address.to_owned(),
@@ -199,7 +315,8 @@ async fn exchange(
         });
     };
     let body = if status == code::OK {
-        unframe(body.freeze()).map_err(|reason| CallError::Transport {
+        let body = joined.map_or_else(|| first.unwrap_or_default(), BytesMut::freeze);
+        unframe(body).map_err(|reason| CallError::Transport {
             endpoint: address.to_owned(),
             reason,
         })?
@@ -213,8 +330,13 @@ async fn exchange(
     })
 }
 
-/// A pingora error in one line: its kind and the root cause (its `Display` nests contexts).
-fn describe(e: &pingora_core::Error) -> String {
-    let root = e.root_cause().to_string();
-    format!("{:?}: {}", e.etype(), root.trim())
+/// An h2 error in one line: the stream or connection error and its reason.
+fn describe(e: &h2::Error) -> String {
+    if e.is_go_away() {
+        format!("the connection was closed by the backend (GOAWAY): {e}")
+    } else if e.is_io() {
+        format!("connection lost: {e}")
+    } else {
+        e.to_string()
+    }
 }

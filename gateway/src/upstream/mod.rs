@@ -18,9 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use pingora_core::connectors::http::v2::Connector;
-use pingora_core::protocols::ALPN;
-use pingora_core::upstreams::peer::HttpPeer;
 use prometheus::{IntCounter, IntGauge};
 use prost::Message;
 use switchyard_config::GatewayConfig;
@@ -53,7 +50,9 @@ pub(crate) enum ControlError {
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     pub(crate) address: String,
-    peer: HttpPeer,
+    pub(crate) dial: client::Dial,
+    /// This endpoint's connection on each worker thread.
+    pub(crate) conns: client::Conns,
     healthy: AtomicBool,
     failed_checks: AtomicU32,
     passed_checks: AtomicU32,
@@ -62,9 +61,9 @@ pub(crate) struct Endpoint {
     pub(crate) streams: IntGauge,
     /// Connections opened to it.
     pub(crate) connects: IntCounter,
-    /// Held while a call opens a connection, so calls that find no free stream at once
-    /// wait for that connection instead of each opening their own (taken only on the
-    /// way to a connect, never when a pooled connection has a stream free).
+    /// Held while a call opens a connection, so calls that find none wait for that one
+    /// instead of each opening their own (taken only on the way to a connect, never when
+    /// the thread's connection is open).
     pub(crate) connecting: tokio::sync::Mutex<()>,
 }
 
@@ -131,16 +130,6 @@ impl Pool {
     pub(crate) fn has_healthy(&self) -> bool {
         self.endpoints.iter().any(|e| e.is_healthy())
     }
-}
-
-thread_local! {
-    /// Upstream connections belong to the worker thread that opened them, so a request
-    /// and its upstream call run on one event loop (see `Gateway::serve`).
-    static CONNECTOR: Arc<Connector> = Arc::new(Connector::new(None));
-}
-
-fn connector() -> Arc<Connector> {
-    CONNECTOR.with(Arc::clone)
 }
 
 /// A target's identity across reloads.
@@ -214,22 +203,21 @@ impl Upstreams {
                     .map_err(|e| err(e.to_string()))?
                     .next()
                     .ok_or_else(|| err("no address".to_owned()))?;
-                let mut peer = HttpPeer::new(addr, false, String::new());
-                // Plaintext with HTTP/2 as the minimum version: h2c by prior knowledge.
-                peer.options.alpn = ALPN::H2;
-                // The default is one stream per connection.
-                peer.options.max_h2_streams = client::MAX_STREAMS;
-                peer.options.connection_timeout = Some(connect_timeout);
-                peer.options.idle_timeout = Some(Duration::from_secs(90));
-                // A peer that stops answering (powered off, partitioned: no FIN, no RST)
-                // is found by its missing PONG within the interval plus pingora's 5 s.
-                peer.options.h2_ping_interval = Some(config.limits.upstream_ping_interval.0);
+                let authority = http::uri::Authority::try_from(addr.to_string())
+                    .map_err(|e| err(e.to_string()))?;
+                let dial = client::Dial {
+                    addr,
+                    authority,
+                    connect_timeout,
+                    ping_interval: config.limits.upstream_ping_interval.0,
+                };
                 let labels = [name.as_str(), address.as_str()];
                 let gauge = metrics.endpoint_healthy.with_label_values(&labels);
                 gauge.set(1);
                 endpoints.push(Arc::new(Endpoint {
                     address: address.clone(),
-                    peer,
+                    dial,
+                    conns: client::Conns::new(),
                     healthy: AtomicBool::new(true),
                     failed_checks: AtomicU32::new(0),
                     passed_checks: AtomicU32::new(0),
@@ -299,12 +287,12 @@ impl Upstreams {
     pub(crate) async fn call(
         &self,
         endpoint: &Endpoint,
-        path: &str,
+        path: &'static str,
         message: &[Bytes],
         budget: Duration,
         shadow: bool,
     ) -> Result<Reply, CallError> {
-        client::unary(&connector(), endpoint, path, message, budget, shadow).await
+        client::unary(endpoint, path, message, budget, shadow).await
     }
 
     /// One typed unary call (health, metadata, config, statistics): encodes `req`, checks
@@ -312,7 +300,7 @@ impl Upstreams {
     pub(crate) async fn control<Req: Message, Resp: Message + Default>(
         &self,
         endpoint: &Endpoint,
-        path: &str,
+        path: &'static str,
         req: &Req,
         budget: Duration,
     ) -> Result<Resp, ControlError> {
