@@ -64,18 +64,19 @@ async fn handle(
     };
     let body = read_body(session, &shared.config.limits).await?;
     let message = unframe(body).map_err(GatewayError::BadRequest)?;
-    let headers: &HeaderMap = &session.req_header().headers;
     let bad = |what: &str, e: prost::DecodeError| {
         GatewayError::BadRequest(format!("cannot decode {what}: {e}"))
     };
     match method {
         "ModelInfer" => {
             let msg = split_infer_request(&message)?;
+            let headers: &HeaderMap = &session.req_header().headers;
             let deadline = headers
                 .get("grpc-timeout")
                 .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
             // The inference runs beside a watch on the client's stream, which needs the
-            // session: it reads its own copy of the headers.
+            // session: it reads its own copy of the headers (pingora's RequestHeader
+            // gives no way to move them out and back).
             let headers = headers.clone();
             let request = models::Inference {
                 headers: &headers,
@@ -136,13 +137,29 @@ fn encode(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
 
+/// The reply's header, built as `http` parts (pingora's own builder parses every name and
+/// keeps a case map, which HTTP/2 has no use for).
 fn response_header(said: &ReplyHeaders) -> Option<ResponseHeader> {
-    let mut resp = ResponseHeader::build(200, Some(5)).ok()?;
-    resp.insert_header("content-type", "application/grpc")
-        .ok()?;
-    said.apply(&mut resp);
-    Some(resp)
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.headers.reserve(6);
+    parts
+        .headers
+        .insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+    said.apply_to(&mut parts.headers);
+    Some(ResponseHeader::from(parts))
 }
+
+const GRPC_CONTENT_TYPE: http::HeaderValue = http::HeaderValue::from_static("application/grpc");
+
+/// `grpc-status` trailers of a successful reply.
+fn ok_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+    trailers
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 
 async fn write_ok(session: &mut Session, said: &ReplyHeaders, message: Bytes) {
     let Some(resp) = response_header(said) else {
@@ -151,23 +168,20 @@ async fn write_ok(session: &mut Session, said: &ReplyHeaders, message: Bytes) {
     // The whole reply (headers, one DATA frame, trailers) is handed to h2 at once, so it
     // leaves in one write. pingora's write_response_body first waits for flow-control
     // capacity, which costs a scheduler round trip and a syscall per frame.
-    if let ServerSession::H2(h2) = session.as_downstream_mut()
-        && h2
-            .write_response_header(Box::new(resp.clone()), false)
-            .is_ok()
-        && let Some(mut body) = h2.take_response_body_writer()
-    {
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        for (chunk, _) in frame(&[message]) {
-            if body.send_data(chunk, false).is_err() {
-                return;
-            }
+    if let ServerSession::H2(h2) = session.as_downstream_mut() {
+        if h2.write_response_header(Box::new(resp), false).is_err() {
+            return;
         }
-        let _ = body.send_trailers(trailers);
-        return;
-    }
-    if session
+        if let Some(mut body) = h2.take_response_body_writer() {
+            for (chunk, _) in frame(&[message]) {
+                if body.send_data(chunk, false).is_err() {
+                    return;
+                }
+            }
+            let _ = body.send_trailers(ok_trailers());
+            return;
+        }
+    } else if session
         .write_response_header(Box::new(resp), false)
         .await
         .is_err()
@@ -183,9 +197,7 @@ async fn write_ok(session: &mut Session, said: &ReplyHeaders, message: Bytes) {
             return;
         }
     }
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let _ = session.write_response_trailers(trailers).await;
+    let _ = session.write_response_trailers(ok_trailers()).await;
 }
 
 async fn write_error(session: &mut Session, said: &ReplyHeaders, error: &GatewayError) {
@@ -200,10 +212,10 @@ async fn write_error(session: &mut Session, said: &ReplyHeaders, error: &Gateway
     {
         return;
     }
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from(rescued.grpc));
+    let mut trailers = HeaderMap::with_capacity(2);
+    trailers.insert(GRPC_STATUS, http::HeaderValue::from(rescued.grpc));
     if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&rescued.message)) {
-        trailers.insert("grpc-message", v);
+        trailers.insert(GRPC_MESSAGE, v);
     }
     let _ = session.write_response_trailers(trailers).await;
 }

@@ -78,30 +78,71 @@ pub(crate) struct ReplyHeaders {
     pub(crate) retry_after: Option<&'static str>,
 }
 impl ReplyHeaders {
-    pub(crate) fn apply(&self, resp: &mut ResponseHeader) {
+    /// Every header to send, with its name.
+    fn each(&self, mut f: impl FnMut(&'static Named, HeaderValue)) {
+        use names::*;
         for (name, value) in [
-            ("x-switchyard-route", &self.route),
-            ("x-switchyard-target", &self.target),
-            ("x-switchyard-policy", &self.policy),
+            (&ROUTE, &self.route),
+            (&TARGET, &self.target),
+            (&POLICY, &self.policy),
+            (&CASCADE_STAGE, &self.cascade_stage),
         ] {
             if let Some(v) = value {
-                let _ = resp.insert_header(name, v.clone());
+                f(name, v.clone());
             }
         }
-        if let Some(v) = &self.cascade_stage {
-            let _ = resp.insert_header("x-switchyard-cascade-stage", v.clone());
-        }
         for (name, value) in [
-            ("x-switchyard-cache", self.cache),
-            ("x-switchyard-cascade", self.cascade),
-            ("x-switchyard-shadow", self.shadow),
-            ("retry-after", self.retry_after),
+            (&CACHE, self.cache),
+            (&CASCADE, self.cascade),
+            (&SHADOW, self.shadow),
+            (&RETRY_AFTER, self.retry_after),
         ] {
             if let Some(v) = value {
-                let _ = resp.insert_header(name, v);
+                f(name, HeaderValue::from_static(v));
             }
         }
     }
+
+    /// Adds the headers to a pingora response (HTTP/1.x keeps the names' case).
+    pub(crate) fn apply(&self, resp: &mut ResponseHeader) {
+        self.each(|name, v| {
+            let _ = resp.insert_header(name.text, v);
+        });
+    }
+
+    /// Adds the headers to an HTTP/2 response's map: no name is parsed or copied.
+    pub(crate) fn apply_to(&self, headers: &mut http::HeaderMap) {
+        self.each(|name, v| {
+            headers.insert(name.name.clone(), v);
+        });
+    }
+}
+
+/// A response header name, parsed once (at compile time), and as text.
+pub(crate) struct Named {
+    pub(crate) name: http::HeaderName,
+    pub(crate) text: &'static str,
+}
+
+/// The gateway's response header names.
+mod names {
+    use super::Named;
+    use http::HeaderName;
+
+    const fn named(text: &'static str) -> Named {
+        Named {
+            name: HeaderName::from_static(text),
+            text,
+        }
+    }
+    pub(super) static ROUTE: Named = named("x-switchyard-route");
+    pub(super) static TARGET: Named = named("x-switchyard-target");
+    pub(super) static POLICY: Named = named("x-switchyard-policy");
+    pub(super) static CASCADE_STAGE: Named = named("x-switchyard-cascade-stage");
+    pub(super) static CACHE: Named = named("x-switchyard-cache");
+    pub(super) static CASCADE: Named = named("x-switchyard-cascade");
+    pub(super) static SHADOW: Named = named("x-switchyard-shadow");
+    pub(super) static RETRY_AFTER: Named = named("retry-after");
 }
 
 impl RequestCtx {

@@ -244,7 +244,10 @@ fn request(dial: &Dial, path: &'static str, budget: Duration, shadow: bool) -> R
     headers.reserve(4);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(TE, HeaderValue::from_static("trailers"));
-    if let Ok(v) = HeaderValue::try_from(grpc_timeout(budget)) {
+    if let Ok(mut v) = HeaderValue::try_from(grpc_timeout(budget)) {
+        // A new value on nearly every call: sent as a literal that HPACK never indexes,
+        // rather than one that evicts the connection's useful table entries each time.
+        v.set_sensitive(true);
         headers.insert(HeaderName::from_static("grpc-timeout"), v);
     }
     if shadow {
