@@ -30,9 +30,8 @@ use std::mem::size_of;
 use std::ops::Range;
 
 use crate::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use crate::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
+use crate::inference::{InferParameter, ModelInferRequest};
 use bytes::Bytes;
-use prost::Message;
 
 /// How many times its encoded size a request may take once decoded: 8, the widest
 /// honest expansion (a packed `int64` of small values is 1 byte a value on the wire and 8
@@ -249,31 +248,57 @@ impl InferMessage {
     /// The chunks to send to a target: its model and version, the client's fields, then the
     /// deadline as Triton's `timeout` parameter (µs), which wins over an earlier one.
     pub fn chunks(&self, model: &str, version: &str, timeout_us: u64) -> Vec<Bytes> {
-        let head = ModelInferRequest {
-            model_name: model.to_owned(),
-            model_version: version.to_owned(),
-            ..Default::default()
-        };
-        let mut tail = ModelInferRequest::default();
         let timeout = self.timeout_us.map_or(timeout_us, |t| t.min(timeout_us));
-        tail.parameters.insert(
-            "timeout".to_owned(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(
-                    i64::try_from(timeout).unwrap_or(i64::MAX),
-                )),
-            },
-        );
         let mut chunks = Vec::with_capacity(self.rest.len() + 2 * self.tensors.len() + 2);
-        chunks.push(Bytes::from(head.encode_to_vec()));
+        chunks.push(head(model, version));
         chunks.extend(self.rest.iter().cloned());
         for tensor in &self.tensors {
             chunks.push(raw_input_key(tensor.len()));
             chunks.push(tensor.clone());
         }
-        chunks.push(Bytes::from(tail.encode_to_vec()));
+        chunks.push(timeout_parameter(
+            i64::try_from(timeout).unwrap_or(i64::MAX),
+        ));
         chunks
     }
+}
+
+/// `model_name` (field 1) and `model_version` (field 2) as prost encodes them (an empty
+/// string is left out), written straight into one buffer.
+fn head(model: &str, version: &str) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut b = Vec::with_capacity(model.len() + version.len() + 12);
+    for (tag, text) in [(1, model), (2, version)] {
+        if !text.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, &mut b);
+            encode_varint(text.len() as u64, &mut b);
+            b.extend_from_slice(text.as_bytes());
+        }
+    }
+    Bytes::from(b)
+}
+
+/// `parameters` (field 4) with the one entry `"timeout"` → `int64_param` (field 2 of
+/// `InferParameter`) `us`, as prost encodes a map entry, without building the map.
+fn timeout_parameter(us: i64) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    const KEY: &[u8] = b"timeout";
+    // The parameter's value as a varint: i64 as two's complement in 64 bits.
+    let value = us as u64;
+    let parameter_len = 1 + encoded_len_varint(value);
+    let entry_len =
+        1 + 1 + KEY.len() + 1 + encoded_len_varint(parameter_len as u64) + parameter_len;
+    let mut b = Vec::with_capacity(entry_len + 11);
+    encode_key(4, WireType::LengthDelimited, &mut b);
+    encode_varint(entry_len as u64, &mut b);
+    encode_key(1, WireType::LengthDelimited, &mut b);
+    encode_varint(KEY.len() as u64, &mut b);
+    b.extend_from_slice(KEY);
+    encode_key(2, WireType::LengthDelimited, &mut b);
+    encode_varint(parameter_len as u64, &mut b);
+    encode_key(INT64_PARAM, WireType::Varint, &mut b);
+    encode_varint(value, &mut b);
+    Bytes::from(b)
 }
 
 /// The key and length that precede a `raw_input_contents` entry (field 7) of `len` bytes,
@@ -907,6 +932,39 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::inference::infer_parameter::ParameterChoice;
+    use prost::Message;
+
+    #[test]
+    fn the_hand_written_head_and_timeout_encode_as_prost_does() {
+        for (model, version) in [
+            ("digits_mlp", "1"),
+            ("m", ""),
+            ("", "7"),
+            ("x".repeat(200).as_str(), "12"),
+        ] {
+            let want = ModelInferRequest {
+                model_name: model.to_owned(),
+                model_version: version.to_owned(),
+                ..Default::default()
+            };
+            assert_eq!(
+                head(model, version),
+                want.encode_to_vec(),
+                "{model:?} {version:?}"
+            );
+        }
+        for us in [0i64, 1, 127, 128, 30_000_000, i64::MAX, -1] {
+            let mut want = ModelInferRequest::default();
+            want.parameters.insert(
+                "timeout".to_owned(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::Int64Param(us)),
+                },
+            );
+            assert_eq!(timeout_parameter(us), want.encode_to_vec(), "{us}");
+        }
+    }
     use crate::inference::InferTensorContents;
     use crate::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 
