@@ -9,7 +9,7 @@
 //! * `proxies`: the same load against the backend directly and through each proxy in
 //!   front of it, interleaved per concurrency: `switchyard gateway` (a single-target route
 //!   named like the model), nginx `grpc_pass`, HAProxy and Envoy (configs in
-//!   `benches/loadgen/`; a peer that is not installed is skipped, `.ci/run bench-peers`
+//!   `benches/loadgen/`; a peer that is not installed is skipped, `benches/loadgen/install-peers.sh`
 //!   installs them). Prints throughput as a ratio to direct, latency, and the CPU per
 //!   request of every process (`/proc`, requests counted by the backend's metrics); then
 //!   each proxy under callgrind: instructions and allocations per request.
@@ -649,7 +649,7 @@ fn proxies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
         match start(backend_addr, workers, &server_prefix) {
             Some(p) => proxies.push(Proxy::Peer(p)),
             None => println!(
-                "\n({name} not found or not starting: its column is skipped; `.ci/run bench-peers` installs the peers)"
+                "\n({name} not found or not starting: its column is skipped; benches/loadgen/install-peers.sh installs the peers)"
             ),
         }
     }
