@@ -535,3 +535,132 @@ async fn shutdown_sends_goaway_before_it_closes_an_h2_connection() {
     stop.await.unwrap();
     drop((stable, canary));
 }
+
+/// An h2c connection to `addr` made with the `h2` crate, whose driver runs in a task: raw
+/// enough to send what tonic never would (half a message, streams reset at once).
+async fn raw_h2(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+fn grpc_post(addr: std::net::SocketAddr, method: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{addr}/inference.GRPCInferenceService/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// The `grpc-status` and `grpc-message` of one h2 response (trailers, or the headers of a
+/// trailers-only reply).
+async fn grpc_outcome(response: h2::client::ResponseFuture) -> (String, String) {
+    let (parts, mut body) = response.await.unwrap().into_parts();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    let get = |name: &str| {
+        trailers
+            .get(name)
+            .or(parts.headers.get(name))
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_grpc_message_gets_deadline_exceeded_and_the_connection_serves_on() {
+    let gw = TestGateway::digits()
+        .sample("digits.yaml")
+        .extra("limits: { body_timeout: 300ms }\n")
+        .start()
+        .await;
+    let mut send = raw_h2(gw.grpc).await.ready().await.unwrap();
+    let (response, mut body) = send
+        .send_request(grpc_post(gw.grpc, "ModelInfer"), false)
+        .unwrap();
+    // The 5-byte frame header announces 100 bytes; 3 of them come, then nothing.
+    body.send_data(
+        bytes::Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2, 3]),
+        false,
+    )
+    .unwrap();
+    let (status, message) = grpc_outcome(response).await;
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(message.contains("limits.body_timeout"), "{message}");
+    // The same connection still answers.
+    let mut send = send.ready().await.unwrap();
+    let (response, _) = send
+        .send_request(grpc_post(gw.grpc, "ServerReady"), false)
+        .map(|(r, mut b)| {
+            b.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .unwrap();
+            (r, ())
+        })
+        .unwrap();
+    assert_eq!(grpc_outcome(response).await.0, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_one_connection_do_not_wait_for_each_other() {
+    // The model holds requests for 3 s; a ServerReady on the same h2 connection (one
+    // tonic channel) is answered meanwhile.
+    let (gw, _backend, _repo) = patient_gateway(3_000_000, "").await;
+    let client = gw.client().await;
+    let mut slow = client.clone();
+    let held = tokio::spawn(async move {
+        infer_with(
+            &mut slow,
+            infer_request("patient", "", &holdout().features[..1]),
+            &[],
+        )
+        .await
+    });
+    assert!(in_flight_reaches(&gw, "grpc", 1.0).await);
+    let mut fast = client;
+    fast.server_ready(tonic::Request::new(ServerReadyRequest {}))
+        .await
+        .unwrap();
+    assert!(
+        !held.is_finished(),
+        "the held call finished first: the check says nothing"
+    );
+    assert!(held.await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_every_stream_at_once_leaves_the_gateway_serving() {
+    let gw = TestGateway::digits().sample("digits.yaml").start().await;
+    let mut send = raw_h2(gw.grpc).await;
+    // Open-and-reset, the shape of HTTP/2 "rapid reset" (CVE-2023-44487); the h2 server
+    // bounds the resets it accepts and ends such a connection.
+    for _ in 0..2000 {
+        let Ok(ready) = send.clone().ready().await else {
+            break;
+        };
+        send = ready;
+        let Ok((_, mut body)) = send.send_request(grpc_post(gw.grpc, "ModelInfer"), false) else {
+            break;
+        };
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    // Everyone else is served.
+    let mut client = gw.client().await;
+    let reply = infer_with(
+        &mut client,
+        infer_request("digits", "", &holdout().features[..1]),
+        &[],
+    )
+    .await;
+    assert!(reply.is_ok(), "{reply:?}");
+}

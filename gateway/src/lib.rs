@@ -341,7 +341,7 @@ async fn run_worker(
     for (port, listener) in sockets {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?.to_string();
-        let proxy = |h2c: bool| {
+        let proxy = || {
             let mut proxy = pingora_proxy::http_proxy(
                 &conf,
                 proxy::Frontend {
@@ -349,19 +349,17 @@ async fn run_worker(
                     shared: shared.clone(),
                 },
             );
+            // HTTP/1.x only: HTTP/2 goes to `frontend::grpc` (see `listener`).
             let mut options = HttpServerOptions::default();
-            options.h2c = h2c;
-            // An idle h2 connection (no stream in flight) is closed, or idle clients
-            // would hold sockets forever.
-            options.h2_idle_timeout = Some(shared.config.limits.idle_timeout.0);
+            options.h2c = false;
             proxy.server_options = Some(options);
             Arc::new(proxy)
         };
         // The REST and admin ports speak HTTP/1.x; the gRPC port h2c, and HTTP/1.x to a
         // client that sends anything but the h2 preface (see `listener`).
         let guarded = listener::Guarded {
-            http1: proxy(false),
-            http2: matches!(port, proxy::Port::Grpc).then(|| proxy(true)),
+            http1: proxy(),
+            grpc: matches!(port, proxy::Port::Grpc).then(|| shared.clone()),
             connections: shared.connections[port as usize].clone(),
             first_bytes: shared.config.limits.header_timeout.0,
         };

@@ -1,12 +1,12 @@
 //! What a listener does with a connection before pingora reads a request from it: count it
 //! against `limits.max_connections`, wait at most `limits.header_timeout` for its first
 //! bytes, and on the gRPC port tell HTTP/2 from HTTP/1.x by as few bytes as tell them
-//! apart.
+//! apart, handing HTTP/2 to the gateway's own h2 server (`frontend::grpc`).
 //!
 //! pingora's own h2c detection waits for all 24 bytes of the HTTP/2 preface, with no time
 //! limit: a 20-byte `GET /v2 HTTP/1.0` request was never answered, and 23 bytes held a
 //! connection forever. Here the first byte that differs from the preface hands the
-//! connection to an HTTP/1.x-only proxy at once, and only a whole preface to the h2c one.
+//! connection to an HTTP/1.x-only proxy at once, and only a whole preface to HTTP/2.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,8 +66,8 @@ impl Drop for Slot {
 pub(crate) struct Guarded<A> {
     /// Serves HTTP/1.x (its `h2c` off).
     pub(crate) http1: Arc<A>,
-    /// Serves HTTP/2 after a whole preface, on the gRPC port only (its `h2c` on).
-    pub(crate) http2: Option<Arc<A>>,
+    /// Serves HTTP/2 (gRPC) after a whole preface, on the gRPC port only.
+    pub(crate) grpc: Option<Arc<crate::Shared>>,
     pub(crate) connections: Arc<Connections>,
     pub(crate) first_bytes: Duration,
 }
@@ -116,11 +116,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     ) -> Option<Stream> {
         let _slot = self.connections.admit()?;
         let opening =
-            tokio::time::timeout(self.first_bytes, opening(&mut stream, self.http2.is_some()))
+            tokio::time::timeout(self.first_bytes, opening(&mut stream, self.grpc.is_some()))
                 .await
                 .unwrap_or(Opening::Nothing);
-        match (opening, &self.http2) {
-            (Opening::Http2, Some(h2)) => h2.process_new(stream, shutdown).await,
+        match (opening, &self.grpc) {
+            (Opening::Http2, Some(shared)) => {
+                crate::frontend::grpc::serve_connection(shared.clone(), stream, shutdown.clone())
+                    .await;
+                None
+            }
             (Opening::Http1 | Opening::Http2, _) => self.http1.process_new(stream, shutdown).await,
             (Opening::Nothing, _) => None,
         }
@@ -128,9 +132,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
 
     async fn cleanup(&self) {
         self.http1.cleanup().await;
-        if let Some(h2) = &self.http2 {
-            h2.cleanup().await;
-        }
     }
 }
 

@@ -58,10 +58,11 @@ impl ProxyHttp for Frontend {
     ///
     /// An async fn's future is as large as its largest branch, and this one is boxed
     /// (async_trait) and moved on every request: the REST and admin branches (JSON, a
-    /// reload) are boxed on their own, so a gRPC request moves only its own state.
+    /// reload) are boxed on their own. (gRPC over HTTP/2 does not come through pingora's
+    /// session at all: see `frontend::grpc`; HTTP/1.x on that port gets a 426.)
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match self.port {
-            Port::Grpc => grpc::serve(&self.shared, session, ctx).await,
+            Port::Grpc => grpc::serve_http1(session, ctx).await,
             Port::Rest => Box::pin(rest::serve(&self.shared, session, ctx)).await,
             Port::Admin => Box::pin(admin::serve(&self.shared, session, ctx)).await,
         }

@@ -7,7 +7,9 @@ pub(crate) mod json;
 pub(crate) mod models;
 pub(crate) mod rest;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use crate::grpc::frame::Gather;
 use http::HeaderValue;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
@@ -180,9 +182,7 @@ pub(crate) async fn read_body(
     {
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    // A body that arrives in one chunk (the usual case) is kept as is, without a copy.
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut body = Gather::default();
     let mut total = 0u64;
     loop {
         let Ok(read) = tokio::time::timeout(patience, session.read_request_body()).await else {
@@ -194,18 +194,9 @@ pub(crate) async fn read_body(
                 if total > limit {
                     return Err(GatewayError::BodyTooLarge { limit });
                 }
-                match (first.take(), joined.as_mut()) {
-                    (_, Some(all)) => all.extend_from_slice(&chunk),
-                    (None, None) => first = Some(chunk),
-                    (Some(f), None) => {
-                        let mut all = BytesMut::with_capacity(f.len() + chunk.len());
-                        all.extend_from_slice(&f);
-                        all.extend_from_slice(&chunk);
-                        joined = Some(all);
-                    }
-                }
+                body.push(chunk);
             }
-            Ok(None) => return Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default()),
+            Ok(None) => return Ok(body.finish()),
             Err(e) => {
                 return Err(GatewayError::BadRequest(format!(
                     "cannot read the request body: {e}"

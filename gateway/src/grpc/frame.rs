@@ -51,3 +51,33 @@ pub(crate) fn unframe(mut frame: Bytes) -> Result<Bytes, String> {
     }
     Ok(frame)
 }
+
+/// A body gathered from the chunks it arrives in: one chunk (the usual case) is kept as
+/// it is, without a copy; more are joined.
+#[derive(Default)]
+pub(crate) struct Gather {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Gather {
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        match (self.first.take(), self.joined.as_mut()) {
+            (_, Some(all)) => all.extend_from_slice(&chunk),
+            (None, None) => self.first = Some(chunk),
+            (Some(f), None) => {
+                let mut all = BytesMut::with_capacity(f.len() + chunk.len());
+                all.extend_from_slice(&f);
+                all.extend_from_slice(&chunk);
+                self.joined = Some(all);
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Bytes {
+        self.joined
+            .map(BytesMut::freeze)
+            .or(self.first)
+            .unwrap_or_default()
+    }
+}

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::client::SendRequest;
 use http::header::{CONTENT_TYPE, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use prometheus::IntGauge;
 use tracing::debug;
 
-use crate::grpc::frame::{frame, unframe};
+use crate::grpc::frame::{Gather, frame, unframe};
 use crate::grpc::status::{code, grpc_status, grpc_timeout};
 use crate::upstream::Endpoint;
 
@@ -291,22 +291,11 @@ async fn exchange(
     }
     let response = response.await.map_err(transport)?;
     let (parts, mut recv) = response.into_parts();
-    // A reply that arrives in one DATA frame (the usual case) is kept without a copy.
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut body = Gather::default();
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(transport)?;
         let _ = recv.flow_control().release_capacity(chunk.len());
-        match (first.take(), joined.as_mut()) {
-            (_, Some(all)) => all.extend_from_slice(&chunk),
-            (None, None) => first = Some(chunk),
-            (Some(f), None) => {
-                let mut all = BytesMut::with_capacity(f.len() + chunk.len());
-                all.extend_from_slice(&f);
-                all.extend_from_slice(&chunk);
-                joined = Some(all);
-            }
-        }
+        body.push(chunk);
     }
     let trailers = recv.trailers().await.map_err(transport)?;
     let http_status = parts.status.as_u16();
@@ -318,8 +307,7 @@ async fn exchange(
         });
     };
     let body = if status == code::OK {
-        let body = joined.map_or_else(|| first.unwrap_or_default(), BytesMut::freeze);
-        unframe(body).map_err(|reason| CallError::Transport {
+        unframe(body.finish()).map_err(|reason| CallError::Transport {
             endpoint: address.to_owned(),
             reason,
         })?
