@@ -664,3 +664,56 @@ async fn a_client_that_resets_every_stream_at_once_leaves_the_gateway_serving() 
     .await;
     assert!(reply.is_ok(), "{reply:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_max_response_bytes_is_cut_off_and_marks_no_backend() {
+    // Any reply used to be gathered whole, whatever its size. With a 1 KiB limit, 64 rows
+    // (2.5 KiB of probabilities) are over it and one row is well under; the breaker opens
+    // at the first failure it counts.
+    let gw = TestGateway::digits()
+        .sample("digits.yaml")
+        .extra("limits: { max_response_bytes: 1KiB }\nbreaker: { consecutive_failures: 1 }\n")
+        .start()
+        .await;
+    let rows: Vec<Vec<f32>> = holdout()
+        .features
+        .iter()
+        .cycle()
+        .take(64)
+        .cloned()
+        .collect();
+    let mut client = gw.client().await;
+    for _ in 0..5 {
+        let err = infer_with(&mut client, infer_request("digits", "", &rows), &[])
+            .await
+            .expect_err("a reply over the limit");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("limits.max_response_bytes"),
+            "{}",
+            err.message()
+        );
+    }
+    let rest = http(
+        gw.http,
+        "POST",
+        "/v2/models/digits/infer",
+        &[],
+        &rest_infer_body(&rows),
+    )
+    .await;
+    assert_eq!(
+        rest.status,
+        502,
+        "{:?}",
+        String::from_utf8_lossy(&rest.body)
+    );
+    // Nothing was counted against a backend: a small request is answered.
+    let reply = infer_with(
+        &mut client,
+        infer_request("digits", "", &holdout().features[..1]),
+        &[],
+    )
+    .await;
+    assert!(reply.is_ok(), "{reply:?}");
+}

@@ -85,6 +85,12 @@ pub struct BackendConfig {
 pub struct LimitsConfig {
     /// Largest request body accepted; larger ones get 413 / RESOURCE_EXHAUSTED. Default 16MiB.
     pub max_body_bytes: ByteSize,
+    /// Largest reply the gateway takes from a backend; a larger one is cut off there (the
+    /// stream is reset, so the gateway holds at most this much of it) and the client gets
+    /// 502 / RESOURCE_EXHAUSTED (gRPC's code for a message over a size limit). It says
+    /// nothing of the backend's health and is not retried. Default 64MiB, the bundled
+    /// backend's own `--max-response-size` (at least 1KiB).
+    pub max_response_bytes: ByteSize,
     /// Deadline for routes that set none. Default 30s.
     pub default_deadline: HumanDuration,
     /// Requests (REST and gRPC together) the gateway serves at once; beyond it a request
@@ -126,6 +132,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: ByteSize(16 << 20),
+            max_response_bytes: ByteSize(64 << 20),
             max_in_flight: 10_000,
             shutdown_grace: HumanDuration(std::time::Duration::from_secs(30)),
             idle_timeout: HumanDuration(std::time::Duration::from_secs(300)),

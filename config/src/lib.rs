@@ -193,6 +193,15 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             "max_in_flight must be at least 1",
         ));
     }
+    if config.limits.max_response_bytes.0 < 1024 {
+        problems.push(Diagnostic::new(
+            file,
+            0,
+            0,
+            "limits.max_response_bytes",
+            "max_response_bytes must be at least 1KiB: no reply would fit",
+        ));
+    }
     if config.limits.max_connections == 0 {
         problems.push(Diagnostic::new(
             file,

@@ -166,6 +166,10 @@ fn every_duration_of_gateway_yaml_has_a_range() {
             "reload: { debounce: 0s }\n",
             "reload.debounce must be above 0",
         ),
+        (
+            "limits: { max_response_bytes: 100 }\n",
+            "max_response_bytes must be at least 1KiB",
+        ),
     ] {
         let (_dir, gateway) = setup(extra, &[]);
         let e = load_gateway_config(&gateway).unwrap_err().to_string();

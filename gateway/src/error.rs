@@ -53,6 +53,9 @@ pub(crate) enum GatewayError {
     /// The backend answered with an error status, passed through.
     #[error("{message}")]
     Upstream { code: i32, message: String },
+    /// A backend's reply was over `limits.max_response_bytes`.
+    #[error("route '{route}': {detail}")]
+    ReplyTooLarge { route: String, detail: String },
     /// Calling the backend failed and no retry was possible.
     #[error("route '{route}': upstream failure: {reason}")]
     UpstreamFailed { route: String, reason: String },
@@ -82,6 +85,7 @@ impl GatewayError {
             Self::NoTarget { route, .. }
             | Self::Deadline { route, .. }
             | Self::UpstreamFailed { route, .. }
+            | Self::ReplyTooLarge { route, .. }
                 if route.is_empty() =>
             {
                 name.clone_into(route);
@@ -108,6 +112,9 @@ impl GatewayError {
             Self::Deadline { .. } => (504, code::DEADLINE_EXCEEDED),
             Self::Upstream { code: c, .. } => (http_status(*c), *c),
             Self::UpstreamFailed { .. } => (502, code::UNAVAILABLE),
+            // gRPC's own code for a message over a size limit; the gateway's fault to the
+            // HTTP client, as a reply it would not take.
+            Self::ReplyTooLarge { .. } => (502, code::RESOURCE_EXHAUSTED),
         };
         Rescued {
             http,

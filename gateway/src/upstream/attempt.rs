@@ -185,6 +185,17 @@ pub(crate) fn classify(
                 Attempt::TransportError,
             );
         }
+        Err(CallError::TooLarge { endpoint, limit }) => {
+            // The request asked for more than the gateway takes back: the client's to
+            // change (a smaller batch, fewer outputs), and no sign of the backend's health.
+            let error = GatewayError::ReplyTooLarge {
+                route: route.to_owned(),
+                detail: format!(
+                    "{target}: {endpoint} sent a reply over the {limit}-byte limit (limits.max_response_bytes)"
+                ),
+            };
+            return done(Refused(error), Health::Unknown, Attempt::Rejected);
+        }
         Err(CallError::Timeout { .. }) => {
             // Our own timer fired at the deadline: the backend's fault only when the
             // deadline was the route's.
@@ -646,6 +657,18 @@ mod tests {
         tokio::time::advance(Duration::from_millis(ROUTE_MS - 2)).await;
         let got = check(status(code::DEADLINE_EXCEEDED, "queue timeout"), &d);
         assert_eq!(got, ("expired", Health::Unhealthy, code::DEADLINE_EXCEEDED));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_over_the_size_limit_is_refused_and_says_nothing_of_the_backend() {
+        let got = check(
+            Err(CallError::TooLarge {
+                endpoint: A.into(),
+                limit: 1024,
+            }),
+            &deadline(false),
+        );
+        assert_eq!(got, ("refused", Health::Unknown, code::RESOURCE_EXHAUSTED));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub(crate) enum CallError {
     /// The time budget ran out.
     #[error("{endpoint} did not answer within {after:?}")]
     Timeout { endpoint: String, after: Duration },
+    /// The reply grew past `limits.max_response_bytes`; the stream was reset there.
+    #[error("{endpoint} sent a reply over the {limit}-byte limit (limits.max_response_bytes)")]
+    TooLarge { endpoint: String, limit: u64 },
 }
 
 /// One unary call: `path` (`/inference.GRPCInferenceService/ModelInfer`), the message as
@@ -85,6 +88,8 @@ pub(crate) struct Dial {
     /// [`PING_TIMEOUT`] closes the connection (a peer powered off or partitioned sends no
     /// FIN and no RST).
     pub(crate) ping_interval: Duration,
+    /// `limits.max_response_bytes`.
+    pub(crate) max_reply: u64,
 }
 
 /// The connection each worker thread holds to one endpoint.
@@ -292,8 +297,17 @@ async fn exchange(
     let response = response.await.map_err(transport)?;
     let (parts, mut recv) = response.into_parts();
     let mut body = Gather::default();
+    let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(transport)?;
+        total += chunk.len() as u64;
+        if total > endpoint.dial.max_reply {
+            // Dropping the stream resets it: the backend stops sending.
+            return Err(CallError::TooLarge {
+                endpoint: address.to_owned(),
+                limit: endpoint.dial.max_reply,
+            });
+        }
         let _ = recv.flow_control().release_capacity(chunk.len());
         body.push(chunk);
     }

@@ -210,6 +210,7 @@ impl Upstreams {
                     authority,
                     connect_timeout,
                     ping_interval: config.limits.upstream_ping_interval.0,
+                    max_reply: config.limits.max_response_bytes.0,
                 };
                 let labels = [name.as_str(), address.as_str()];
                 let gauge = metrics.endpoint_healthy.with_label_values(&labels);
