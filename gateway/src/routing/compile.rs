@@ -222,16 +222,28 @@ pub fn compile(
 /// route is known).
 fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route, CompileError> {
     let p = &loaded.policy;
+    let model_version = |t: &switchyard_config::policy::TargetConfig| match t.version {
+        Some(v) => format!("{}/{v}", t.model),
+        None => t.model.clone(),
+    };
+    // Two targets that serve the same model version from different pools would share a
+    // label, in their metrics and their `x-switchyard-target`: those are told apart by
+    // their pool (`pool:model/version`). Labels of every other target stay as they are.
+    let shared_label = |t: &switchyard_config::policy::TargetConfig| {
+        p.targets
+            .values()
+            .any(|o| o.value.backend != t.backend && model_version(&o.value) == model_version(t))
+    };
     let targets: Box<[Target]> = p
         .targets
         .iter()
         .map(|(name, t)| {
             let t = &t.value;
             let version: Arc<str> = t.version.map(|v| v.to_string()).unwrap_or_default().into();
-            let label = if version.is_empty() {
-                t.model.clone()
+            let label = if shared_label(t) {
+                format!("{}:{}", t.backend, model_version(t))
             } else {
-                format!("{}/{}", t.model, version)
+                model_version(t)
             };
             Target {
                 name: name.as_str().into(),
@@ -525,6 +537,17 @@ mod tests {
             },
             &gateway,
         )
+    }
+
+    #[test]
+    fn one_model_version_from_two_pools_gets_two_labels() {
+        let table = compile_unvalidated(
+            "version: 1\nroute: r\ntargets:\n  a: { backend: stable, model: m, version: 1 }\n  b: { backend: other, model: m, version: 1 }\n  c: { backend: stable, model: m, version: 2 }\ndefault: a\n",
+        )
+        .unwrap();
+        let route = table.get("r").unwrap();
+        let labels: Vec<&str> = route.targets.iter().map(|t| &*t.label).collect();
+        assert_eq!(labels, ["stable:m/1", "other:m/1", "m/2"]);
     }
 
     const HEAD: &str = "version: 1\nroute: r\ntargets:\n  a: { backend: stable, model: m, version: 1 }\n  b: { backend: stable, model: m, version: 2 }\n";
