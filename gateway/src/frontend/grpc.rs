@@ -12,12 +12,13 @@
 //! pingora's HTTP/1 app ([`serve_http1`]).
 
 use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -102,7 +103,17 @@ pub(crate) async fn serve_connection(
             }
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
-                    streams.push(serve_stream(&shared, request, respond));
+                    // A panic in one request ends that stream (its reply dropped, so the
+                    // client sees a reset), not its siblings on this connection.
+                    streams.push(
+                        AssertUnwindSafe(serve_stream(&shared, request, respond))
+                            .catch_unwind()
+                            .map(|done| {
+                                if done.is_err() {
+                                    tracing::error!("a gRPC request panicked; its stream was reset");
+                                }
+                            }),
+                    );
                 }
                 Some(Err(e)) => {
                     debug!("h2 connection with a client ended: {e}");
