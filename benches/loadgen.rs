@@ -136,6 +136,16 @@ impl Report {
     }
 }
 
+/// A gRPC client on its own connection to `addr`.
+async fn client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    GrpcInferenceServiceClient::new(channel)
+}
+
 /// `concurrency` workers, each with its own connection, send `requests` back to back,
 /// cycling through them (each worker from its own offset).
 async fn closed_loop(
@@ -150,12 +160,7 @@ async fn closed_loop(
     let end = measure_from + duration;
     let mut workers = Vec::with_capacity(concurrency);
     for worker in 0..concurrency {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = GrpcInferenceServiceClient::new(channel);
+        let mut client = client(addr).await;
         let requests = requests.clone();
         workers.push(tokio::spawn(async move {
             let mut next = worker * 7;
@@ -793,12 +798,7 @@ fn instructions_per_request(args: &Args, runtime: &tokio::runtime::Runtime, back
         let addr = proxy.addr();
         let run = |count: usize| {
             runtime.block_on(async {
-                let channel = Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .expect("connect");
-                let mut client = GrpcInferenceServiceClient::new(channel);
+                let mut client = client(addr).await;
                 for _ in 0..count {
                     client.model_infer(request.clone()).await.expect("infer");
                 }
