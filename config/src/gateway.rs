@@ -44,6 +44,11 @@ pub struct GatewayConfig {
     /// request never hops between threads. Default: the number of CPUs.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Folder where rollout state is kept (one file per route under rollout), relative to
+    /// this file; a restarted gateway resumes its rollouts from it. Default: none, and a
+    /// restart starts every rollout again at its first step.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Listen addresses.

@@ -227,6 +227,11 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
     if config.policies.is_relative() {
         config.policies = base.join(&config.policies);
     }
+    if let Some(dir) = config.state_dir.as_mut()
+        && dir.is_relative()
+    {
+        *dir = base.join(&*dir);
+    }
     if let Some(token) = config.admin.token_file.as_mut()
         && token.is_relative()
     {

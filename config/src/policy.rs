@@ -67,6 +67,104 @@ pub struct PolicyFile {
     /// Cache successful responses (opt-in).
     #[serde(default)]
     pub cache: Option<At<CacheConfig>>,
+    /// A canary rollout: the candidate takes a growing share of the baseline's traffic,
+    /// step by step, while gates compare it with the baseline; a failed gate rolls it back.
+    #[serde(default)]
+    pub rollout: Option<At<RolloutConfig>>,
+}
+
+/// A canary rollout of one route: ramp `candidate` through `steps` of `baseline`'s
+/// traffic, judging the gates over each step.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// The target (or named plan) being rolled out.
+    pub candidate: At<String>,
+    /// The target (or named plan) whose requests the candidate takes a share of.
+    pub baseline: At<String>,
+    /// Percent of the baseline's requests the candidate takes at each step, increasing,
+    /// each above 0 and at most 100.
+    pub steps: At<Vec<f64>>,
+    /// Time at each step before the gates are judged for the next.
+    pub interval: At<HumanDuration>,
+    /// Candidate requests (for `shadow_agreement`: comparisons) a gate needs in a step
+    /// before it is judged. Default 200.
+    #[serde(default = "two_hundred")]
+    pub min_requests: u64,
+    /// What the candidate must hold, compared with the baseline over each step.
+    #[serde(default)]
+    pub gates: GatesConfig,
+    /// What a failed gate does. Default `rollback`.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Candidate errors in a row that roll back at once, whatever the gates say.
+    /// Default 5.
+    #[serde(default = "five")]
+    pub max_consecutive_errors: u32,
+    /// `header:NAME`: requests with the same value keep their side of the rollout, and
+    /// raising a step only adds keys to the candidate. Default: the route's first sticky
+    /// split's header; without one, a random draw per request.
+    #[serde(default)]
+    pub sticky: Option<At<String>>,
+}
+
+/// The gates of a rollout; every gate given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatesConfig {
+    /// The candidate's error rate may exceed the baseline's by at most this much.
+    #[serde(default)]
+    pub error_rate: Option<At<ErrorRateGate>>,
+    /// The candidate's p99 latency over the baseline's, at most.
+    #[serde(default)]
+    pub latency_p99: Option<At<LatencyGate>>,
+    /// Top-1 agreement of the candidate's shadow answers with the baseline's, at least.
+    /// Needs the route's `shadow` to be the candidate.
+    #[serde(default)]
+    pub shadow_agreement: Option<At<AgreementGate>>,
+}
+
+/// `error_rate: { max_increase: 0.01 }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorRateGate {
+    /// Candidate error rate minus the baseline's, at most (0 to 1).
+    pub max_increase: f64,
+}
+
+/// `latency_p99: { max_ratio: 1.5 }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyGate {
+    /// Candidate p99 over baseline p99, at most (1 to 100).
+    pub max_ratio: f64,
+}
+
+/// `shadow_agreement: { min: 0.95 }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgreementGate {
+    /// Share of compared requests whose top-1 class agrees, at least (above 0, at most 1).
+    pub min: f64,
+}
+
+/// What a failed gate does to a rollout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The candidate gets nothing from the next request on.
+    #[default]
+    Rollback,
+    /// The rollout holds its current step until resumed, promoted or aborted.
+    Pause,
+}
+
+fn two_hundred() -> u64 {
+    200
+}
+
+fn five() -> u32 {
+    5
 }
 
 /// Shadow traffic: `target` or `plan`, a sampling percent and a concurrency bound.

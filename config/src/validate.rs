@@ -6,7 +6,9 @@ use std::path::Path;
 
 use crate::diagnostic::Diagnostic;
 use crate::gateway::GatewayConfig;
-use crate::policy::{Combine, HeaderMatchConfig, PlanConfig, PolicyFile, RuleConfig};
+use crate::policy::{
+    Combine, HeaderMatchConfig, PlanConfig, PolicyFile, RolloutConfig, RuleConfig,
+};
 use crate::rules;
 use crate::units::At;
 
@@ -197,6 +199,9 @@ pub fn validate_policy(
             );
         }
     }
+    if let Some(rollout) = &policy.rollout {
+        check_rollout(policy, rollout, &names, &mut at);
+    }
     // Fallbacks are targets: they answer when the chosen target cannot.
     let targets: Vec<&str> = policy.targets.keys().map(String::as_str).collect();
     let mut seen = HashSet::new();
@@ -234,6 +239,203 @@ pub fn validate_policy(
                 r.value.attempts
             ),
         );
+    }
+    out
+}
+
+/// The longest a rollout step may last: a week.
+const MAX_ROLLOUT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+fn check_rollout(
+    policy: &PolicyFile,
+    rollout: &At<RolloutConfig>,
+    names: &[&str],
+    at: &mut impl FnMut(u64, u64, String, String),
+) {
+    let r = &rollout.value;
+    // A plan a request can be decided to: a target or a named plan that is not a split
+    // (a split's requests are decided to its members) nor another route's plan.
+    let runnable = |name: &At<String>, field: &str, at: &mut dyn FnMut(u64, u64, String, String)| {
+        let path = format!("rollout.{field}");
+        if !names.contains(&name.value.as_str()) {
+            at(name.line, name.column, path, unknown_target(&name.value, names));
+            return false;
+        }
+        match policy.plans.get(&name.value).map(|p| &p.value) {
+            Some(PlanConfig::Split(_)) => {
+                at(name.line, name.column, path, format!(
+                    "'{}' is a split: a split's requests go to its members, so roll out one of them instead",
+                    name.value
+                ));
+                false
+            }
+            Some(PlanConfig::Route(_)) => {
+                at(name.line, name.column, path, format!(
+                    "'{}' is another route's plan: roll it out in that route's policy",
+                    name.value
+                ));
+                false
+            }
+            _ => true,
+        }
+    };
+    let candidate_ok = runnable(&r.candidate, "candidate", at);
+    let baseline_ok = runnable(&r.baseline, "baseline", at);
+    if candidate_ok && baseline_ok {
+        if r.candidate.value == r.baseline.value {
+            at(
+                r.candidate.line,
+                r.candidate.column,
+                "rollout.candidate".into(),
+                format!(
+                    "the candidate is the baseline ('{}'): a rollout moves traffic from one to another",
+                    r.candidate.value
+                ),
+            );
+        } else if !decided_plans(policy).contains(&r.baseline.value) {
+            at(
+                r.baseline.line,
+                r.baseline.column,
+                "rollout.baseline".into(),
+                format!(
+                    "no request of this route is decided to '{}' (not the default, a rule's plan, or a split member of them), so the candidate would never get traffic",
+                    r.baseline.value
+                ),
+            );
+        }
+    }
+    let steps = &r.steps;
+    if steps.value.is_empty() {
+        at(
+            steps.line,
+            steps.column,
+            "rollout.steps".into(),
+            "a rollout needs at least one step, like [10, 50, 100]".into(),
+        );
+    }
+    for (i, step) in steps.value.iter().enumerate() {
+        if !(*step > 0.0 && *step <= 100.0) {
+            at(
+                steps.line,
+                steps.column,
+                format!("rollout.steps[{i}]"),
+                format!("a step is a percent above 0 and at most 100, got {step}"),
+            );
+        } else if i > 0 && *step <= steps.value[i - 1] {
+            at(
+                steps.line,
+                steps.column,
+                format!("rollout.steps[{i}]"),
+                format!(
+                    "steps must increase: {step} follows {}",
+                    steps.value[i - 1]
+                ),
+            );
+        }
+    }
+    if let Err(e) = rules::within("interval", r.interval.value.0, MAX_ROLLOUT_INTERVAL) {
+        at(r.interval.line, r.interval.column, "rollout.interval".into(), e);
+    }
+    let (line, column) = (rollout.line, rollout.column);
+    if r.min_requests == 0 {
+        at(
+            line,
+            column,
+            "rollout.min_requests".into(),
+            "min_requests must be at least 1".into(),
+        );
+    }
+    if r.max_consecutive_errors == 0 {
+        at(
+            line,
+            column,
+            "rollout.max_consecutive_errors".into(),
+            "max_consecutive_errors must be at least 1".into(),
+        );
+    }
+    if let Some(sticky) = &r.sticky
+        && let Err(e) = rules::sticky_header(&sticky.value)
+    {
+        at(sticky.line, sticky.column, "rollout.sticky".into(), e);
+    }
+    let gates = &r.gates;
+    if let Some(g) = &gates.error_rate {
+        let x = g.value.max_increase;
+        if !(0.0..=1.0).contains(&x) {
+            at(
+                g.line,
+                g.column,
+                "rollout.gates.error_rate.max_increase".into(),
+                format!("max_increase is a difference of rates, from 0 to 1, got {x}"),
+            );
+        }
+    }
+    if let Some(g) = &gates.latency_p99 {
+        let x = g.value.max_ratio;
+        if !(1.0..=100.0).contains(&x) {
+            at(
+                g.line,
+                g.column,
+                "rollout.gates.latency_p99.max_ratio".into(),
+                format!("max_ratio is candidate p99 over baseline p99, from 1 to 100, got {x}"),
+            );
+        }
+    }
+    if let Some(g) = &gates.shadow_agreement {
+        let x = g.value.min;
+        if !(x > 0.0 && x <= 1.0) {
+            at(
+                g.line,
+                g.column,
+                "rollout.gates.shadow_agreement.min".into(),
+                format!("min is a share of agreeing answers, above 0 and at most 1, got {x}"),
+            );
+        }
+        let shadows_candidate = policy
+            .shadow
+            .as_ref()
+            .is_some_and(|s| s.value.target.as_deref() == Some(r.candidate.value.as_str()));
+        if !shadows_candidate {
+            at(
+                g.line,
+                g.column,
+                "rollout.gates.shadow_agreement".into(),
+                format!(
+                    "agreement is measured on shadow copies of the baseline's requests: add `shadow: {{ target: {} }}`",
+                    r.candidate.value
+                ),
+            );
+        }
+    }
+}
+
+/// The names a request of this route can be decided to: the default's and the rules'
+/// plans, through named plans and split members.
+fn decided_plans(policy: &PolicyFile) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut todo: Vec<PlanConfig> = policy.rules.iter().map(|r| r.plan.value.clone()).collect();
+    todo.push(policy.default.value.clone());
+    while let Some(plan) = todo.pop() {
+        match plan {
+            PlanConfig::Target(name) => {
+                if out.contains(&name) {
+                    continue;
+                }
+                if let Some(named @ PlanConfig::Split(_)) =
+                    policy.plans.get(&name).map(|p| &p.value)
+                {
+                    todo.push(named.clone());
+                }
+                out.push(name);
+            }
+            PlanConfig::Split(s) => {
+                todo.extend(s.weights.keys().map(|k| PlanConfig::Target(k.clone())))
+            }
+            _ => {}
+        }
+        if out.len() > policy.targets.len() + policy.plans.len() {
+            break;
+        }
     }
     out
 }
