@@ -5,6 +5,18 @@ Data: the handwritten-digits set that ships inside scikit-learn (8x8 images, 179
 Every model takes `INPUT__0` FP32 [-1, 64] with raw pixel values 0..16 (the scaling to 0..1
 is inside the graph) and returns `probabilities` FP32 [-1, 10] (a softmax).
 
+Models:
+  digits_linear v1    multinomial logistic regression
+  digits_mlp v1       MLP (32), few epochs, strong regularisation (a quick baseline)
+  digits_mlp v2       MLP (128, 64) trained to convergence (the candidate)
+  digits_shuffled v1  a canary-rollout demo that is confidently wrong on purpose: an MLP
+                      (128, 64) like mlp v2, trained on the same split but with every label y
+                      replaced by SHUFFLE[y] = (y + 3) % 10 (a derangement: no digit keeps its
+                      label, so "0" is answered as 3, "7" as 0, ...). Its answers are confident
+                      and almost never agree with digits_mlp v1, so a gateway that compares a
+                      canary's answers with the current model's rolls it back. Never route real
+                      traffic to it. Its holdout "accuracy" is against the true labels (near 0).
+
 The ONNX graphs are written by hand from the trained weights with standard ai.onnx operators
 only (Mul, MatMul, Add, Relu, Softmax), so any ONNX runtime (tract, ONNX Runtime, Triton)
 loads them; skl2onnx would emit ai.onnx.ml operators that tract does not implement.
@@ -15,12 +27,42 @@ Writes, relative to the repository root:
   backends/sample_data/request.json         (one held-out digit as a REST request, for curl)
 
 Run: backends/train/train.sh   (creates a venv from requirements.txt and runs this script)
+
+Reproducibility: the pinned wheels bundle OpenBLAS, which picks its kernels by CPU at load time
+and splits work across threads; both change float rounding, so the same code trains bitwise
+different weights on an AVX-512 machine or with more threads. The script therefore pins the
+OpenBLAS kernels to Haswell (AVX2; these reproduce the committed models bit for bit) on x86-64
+CPUs that have AVX2 and FMA, unless OPENBLAS_CORETYPE is already set, and runs single-threaded.
 """
 
 import hashlib
 import json
+import os
 import pathlib
+import platform
 import warnings
+
+
+def _pin_blas():
+    """Fix OpenBLAS's kernel choice and thread count; must run before numpy is imported."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ[var] = "1"
+    if platform.machine().lower() not in ("x86_64", "amd64") or "OPENBLAS_CORETYPE" in os.environ:
+        return
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return  # cannot tell whether forcing AVX2 kernels is safe here; leave OpenBLAS's choice
+    if "avx2" in flags and "fma" in flags:
+        os.environ["OPENBLAS_CORETYPE"] = "Haswell"
+
+
+_pin_blas()
+# The imports below load OpenBLAS, so they must come after _pin_blas().
 
 import numpy as np
 import onnx
@@ -38,6 +80,9 @@ DATA = ROOT / "backends" / "sample_data"
 SEED = 20261126
 OPSET = 13
 IR_VERSION = 8  # tract and ONNX Runtime both read IR 8; newer onnx defaults may be ahead of them
+# digits_shuffled's label map: digit d is trained (and so answered) as SHUFFLE[d] = (d + 3) % 10.
+SHUFFLE = np.array([(d + 3) % 10 for d in range(10)], dtype=np.int64)
+assert (SHUFFLE != np.arange(10)).all() and sorted(SHUFFLE) == list(range(10)), "SHUFFLE: derangement"
 
 
 def graph_from_layers(name, layers):
@@ -69,8 +114,11 @@ def graph_from_layers(name, layers):
     return model
 
 
-def config_pbtxt(name, version_policy):
-    return f"""# {name}: digit classifier trained by backends/train/train_digits.py.
+DEFAULT_COMMENT = "digit classifier trained by backends/train/train_digits.py."
+
+
+def config_pbtxt(name, version_policy, comment=DEFAULT_COMMENT):
+    return f"""# {name}: {comment}
 name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: 64
@@ -136,6 +184,11 @@ def main():
     # v2: two wider layers trained to convergence (the candidate).
     mlp2 = MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-4, max_iter=400, random_state=SEED + 1)
     mlp2.fit(s_train, y_train)
+    # digits_shuffled v1: like v2 but on permuted labels, so it is confidently wrong (a rollout demo).
+    shuffled = MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-4, max_iter=400, random_state=SEED + 2)
+    shuffled.fit(s_train, SHUFFLE[y_train])
+    # Output column i must be class i (every class occurs in the training split).
+    assert (shuffled.classes_ == np.arange(10)).all()
 
     def mlp_layers(m):
         return list(zip(m.coefs_, m.intercepts_))
@@ -144,8 +197,14 @@ def main():
         ("digits_linear", 1): graph_from_layers("digits_linear", [(linear.coef_.T, linear.intercept_)]),
         ("digits_mlp", 1): graph_from_layers("digits_mlp_v1", mlp_layers(mlp1)),
         ("digits_mlp", 2): graph_from_layers("digits_mlp_v2", mlp_layers(mlp2)),
+        ("digits_shuffled", 1): graph_from_layers("digits_shuffled", mlp_layers(shuffled)),
     }
-    policies = {"digits_linear": "", "digits_mlp": "version_policy: { all {} }\n"}
+    trained = {("digits_linear", 1): linear, ("digits_mlp", 1): mlp1, ("digits_mlp", 2): mlp2, ("digits_shuffled", 1): shuffled}
+    policies = {"digits_linear": "", "digits_mlp": "version_policy: { all {} }\n", "digits_shuffled": ""}
+    comments = {
+        "digits_shuffled": "canary-rollout demo trained by backends/train/train_digits.py on permuted labels "
+        "((y + 3) mod 10): confidently wrong on purpose, never route real traffic to it.",
+    }
 
     holdout = {
         "description": "Held-out split of sklearn load_digits (20%, stratified, seed "
@@ -156,13 +215,13 @@ def main():
     }
     for name, policy in policies.items():
         (REPO / name).mkdir(parents=True, exist_ok=True)
-        (REPO / name / "config.pbtxt").write_text(config_pbtxt(name, policy))
+        (REPO / name / "config.pbtxt").write_text(config_pbtxt(name, policy, comments.get(name, DEFAULT_COMMENT)))
+    onnx_probs = {}
     for (name, version), model in models.items():
         path = write_version(REPO / name, version, model)
         probs = run_onnx(path, x_test)
         # The sklearn model and the hand-built graph must agree, or the export is wrong.
-        sk = {("digits_linear", 1): linear, ("digits_mlp", 1): mlp1, ("digits_mlp", 2): mlp2}[(name, version)]
-        sk_probs = sk.predict_proba(x_test / 16.0)
+        sk_probs = trained[(name, version)].predict_proba(x_test / 16.0)
         assert np.abs(sk_probs - probs).max() < 1e-4, f"{name} v{version}: ONNX export disagrees with sklearn"
         accuracy = float((probs.argmax(axis=1) == y_test).mean())
         holdout["models"][f"{name}/{version}"] = {
@@ -170,6 +229,18 @@ def main():
             "probabilities": [[float(v) for v in row] for row in probs],
         }
         print(f"{name} v{version}: held-out accuracy {accuracy:.4f} ({int(round(accuracy * len(y_test)))}/{len(y_test)})")
+        onnx_probs[(name, version)] = probs
+
+    # The rollout demo must be confident and disagree with the current model (digits_mlp v1).
+    wrong, current = onnx_probs[("digits_shuffled", 1)], onnx_probs[("digits_mlp", 1)]
+    agreement = float((wrong.argmax(axis=1) == current.argmax(axis=1)).mean())
+    permuted = float((wrong.argmax(axis=1) == SHUFFLE[y_test]).mean())
+    confidence = float(wrong.max(axis=1).mean())
+    print(
+        f"digits_shuffled v1: top-1 agreement with digits_mlp v1 {agreement:.4f}, "
+        f"accuracy on permuted labels {permuted:.4f}, mean max-probability {confidence:.4f}"
+    )
+    assert agreement < 0.05 and confidence > 0.9, "digits_shuffled is not confidently wrong"
 
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "digits_holdout.json").write_text(json.dumps(holdout, separators=(",", ":")) + "\n")
