@@ -1,6 +1,7 @@
 //! The `switchyard` binary: parses the command line and hands off to the crates. `up` runs
 //! the bundled backends and the gateway together; `gateway` and `backend` run one each;
-//! `check` and `explain` are the policy linter and dry run.
+//! `check` and `explain` are the policy linter and dry run; `rollout` drives canary
+//! rollouts through the admin API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use switchyard_backend::{Backend, BackendConfig, RuntimeKind};
 use tokio::net::TcpListener;
+
+mod rollout;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +36,8 @@ enum Command {
     Check(CheckArgs),
     /// Show which plan and target a request with these headers would get, and why.
     Explain(ExplainArgs),
+    /// Canary rollouts of a running gateway: status, pause, resume, promote, abort, finish.
+    Rollout(rollout::RolloutArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +145,10 @@ fn main() -> Result<()> {
             Command::Backend(args) => backend(args).await,
             Command::Check(args) => check(args),
             Command::Explain(args) => explain(args),
+            Command::Rollout(args) => {
+                let config = load_config(&args_config(&args))?;
+                rollout::run(args, &config)
+            }
         }
     })
 }
@@ -344,7 +353,19 @@ fn explain(args: ExplainArgs) -> Result<()> {
         "{}",
         switchyard_gateway::routing::explain(route, &headers, &args.model_version)
     );
+    if let Some(rollout) = switchyard_gateway::explain_rollout(
+        route,
+        &headers,
+        &args.model_version,
+        config.state_dir.as_deref(),
+    ) {
+        print!("{rollout}");
+    }
     Ok(())
+}
+
+fn args_config(args: &rollout::RolloutArgs) -> PathBuf {
+    args.config().to_path_buf()
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C): both drain in-flight requests, then exit 0.

@@ -16,6 +16,7 @@
 //!   `serde_yaml`, which the design card names, is archived by its author.
 
 mod diagnostic;
+pub mod finish;
 pub mod gateway;
 pub mod policy;
 pub mod rules;

@@ -255,25 +255,42 @@ fn check_rollout(
     let r = &rollout.value;
     // A plan a request can be decided to: a target or a named plan that is not a split
     // (a split's requests are decided to its members) nor another route's plan.
-    let runnable = |name: &At<String>, field: &str, at: &mut dyn FnMut(u64, u64, String, String)| {
+    let runnable = |name: &At<String>,
+                    field: &str,
+                    at: &mut dyn FnMut(u64, u64, String, String)| {
         let path = format!("rollout.{field}");
         if !names.contains(&name.value.as_str()) {
-            at(name.line, name.column, path, unknown_target(&name.value, names));
+            at(
+                name.line,
+                name.column,
+                path,
+                unknown_target(&name.value, names),
+            );
             return false;
         }
         match policy.plans.get(&name.value).map(|p| &p.value) {
             Some(PlanConfig::Split(_)) => {
-                at(name.line, name.column, path, format!(
-                    "'{}' is a split: a split's requests go to its members, so roll out one of them instead",
-                    name.value
-                ));
+                at(
+                    name.line,
+                    name.column,
+                    path,
+                    format!(
+                        "'{}' is a split: a split's requests go to its members, so roll out one of them instead",
+                        name.value
+                    ),
+                );
                 false
             }
             Some(PlanConfig::Route(_)) => {
-                at(name.line, name.column, path, format!(
-                    "'{}' is another route's plan: roll it out in that route's policy",
-                    name.value
-                ));
+                at(
+                    name.line,
+                    name.column,
+                    path,
+                    format!(
+                        "'{}' is another route's plan: roll it out in that route's policy",
+                        name.value
+                    ),
+                );
                 false
             }
             _ => true,
@@ -298,7 +315,7 @@ fn check_rollout(
                 r.baseline.column,
                 "rollout.baseline".into(),
                 format!(
-                    "no request of this route is decided to '{}' (not the default, a rule's plan, or a split member of them), so the candidate would never get traffic",
+                    "the default plan never decides a request to '{}' (it is neither the default nor a split member of it), so the candidate would never get traffic; rules' requests are left alone",
                     r.baseline.value
                 ),
             );
@@ -326,15 +343,17 @@ fn check_rollout(
                 steps.line,
                 steps.column,
                 format!("rollout.steps[{i}]"),
-                format!(
-                    "steps must increase: {step} follows {}",
-                    steps.value[i - 1]
-                ),
+                format!("steps must increase: {step} follows {}", steps.value[i - 1]),
             );
         }
     }
     if let Err(e) = rules::within("interval", r.interval.value.0, MAX_ROLLOUT_INTERVAL) {
-        at(r.interval.line, r.interval.column, "rollout.interval".into(), e);
+        at(
+            r.interval.line,
+            r.interval.column,
+            "rollout.interval".into(),
+            e,
+        );
     }
     let (line, column) = (rollout.line, rollout.column);
     if r.min_requests == 0 {
@@ -409,12 +428,12 @@ fn check_rollout(
     }
 }
 
-/// The names a request of this route can be decided to: the default's and the rules'
-/// plans, through named plans and split members.
+/// The names a request that no rule matches can be decided to: the default plan, through
+/// named plans and split members. (A rule's plan is an explicit choice: a rollout leaves
+/// it alone.)
 fn decided_plans(policy: &PolicyFile) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    let mut todo: Vec<PlanConfig> = policy.rules.iter().map(|r| r.plan.value.clone()).collect();
-    todo.push(policy.default.value.clone());
+    let mut todo: Vec<PlanConfig> = vec![policy.default.value.clone()];
     while let Some(plan) = todo.pop() {
         match plan {
             PlanConfig::Target(name) => {

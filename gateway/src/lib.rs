@@ -33,6 +33,7 @@ mod listener;
 mod metrics;
 mod proxy;
 mod reload;
+mod rollout;
 pub mod routing;
 mod snapshot;
 mod strategy;
@@ -111,6 +112,17 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// For `switchyard explain`: what `route`'s rollout does to this request now, as the
+/// state file under `state_dir` says; `None` when the route has no rollout.
+pub fn explain_rollout(
+    route: &routing::Route,
+    headers: &http::HeaderMap,
+    model_version: &str,
+    state_dir: Option<&std::path::Path>,
+) -> Option<String> {
+    rollout::explain(route, headers, model_version, state_dir)
 }
 
 /// Why the gateway could not start.
@@ -207,7 +219,7 @@ impl Gateway {
         let metrics = Metrics::new();
         let upstreams = Arc::new(Upstreams::new(&config, metrics.clone())?);
         let policies = load_policies(&config.policies, &config).map_err(StartError::Policies)?;
-        let kept = snapshot::Kept::default();
+        let kept = snapshot::Kept::new(config.state_dir.clone());
         let table = routing::compile(&policies, &config)
             .map_err(|e| StartError::Policies(e.diagnostics()))?;
         let snapshot = Snapshot::build(1, &table, &upstreams, &metrics, &kept)
@@ -308,6 +320,10 @@ impl Gateway {
         let mut tasks = vec![tokio::spawn(
             shared.upstreams.clone().run_health_checks(stop_rx.clone()),
         )];
+        tasks.push(tokio::spawn(rollout::drive(
+            shared.clone(),
+            stop_rx.clone(),
+        )));
         if shared.config.reload.watch {
             tasks.push(tokio::spawn(reload::watch(shared.clone(), stop_rx.clone())));
         }

@@ -3,8 +3,8 @@
 //! counters it already holds.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::error::Outcome;
@@ -94,6 +94,20 @@ pub struct Metrics {
     cache_requests: IntCounterVec,
     cache_evictions: IntCounterVec,
     cache_bytes: IntGaugeVec,
+    rollout_weight: GaugeVec,
+    rollout_step: IntGaugeVec,
+    rollout_state: IntGaugeVec,
+    rollout_transitions: IntCounterVec,
+    rollout_gate_value: GaugeVec,
+    rollout_gate_failures: IntCounterVec,
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let v = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(v.clone()))
+        .expect("unique metric");
+    v
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -309,6 +323,42 @@ impl Metrics {
                 "Bytes held by the route's cache",
                 &["route"],
             ),
+            rollout_weight: float_gauge(
+                &r,
+                "switchyard_rollout_weight",
+                "Percent of the baseline's default-plan requests the rollout's candidate gets now",
+                &["route"],
+            ),
+            rollout_step: gauge(
+                &r,
+                "switchyard_rollout_step",
+                "The rollout's current step, 1-based (0 once rolled back)",
+                &["route"],
+            ),
+            rollout_state: gauge(
+                &r,
+                "switchyard_rollout_state",
+                "1 for the rollout's current state (ramping, paused, complete, rolled_back), 0 for the others",
+                &["route", "state"],
+            ),
+            rollout_transitions: counter(
+                &r,
+                "switchyard_rollout_transitions_total",
+                "Rollout transitions by route, from and to (step-N, paused-N, complete, rolled_back)",
+                &["route", "from", "to"],
+            ),
+            rollout_gate_value: float_gauge(
+                &r,
+                "switchyard_rollout_gate_value",
+                "Each gate's last value over the current step (error_rate: increase over the baseline; latency_p99: ratio; shadow_agreement: share)",
+                &["route", "gate"],
+            ),
+            rollout_gate_failures: counter(
+                &r,
+                "switchyard_rollout_gate_failures_total",
+                "Gate failures that rolled back or paused a rollout, by route and gate (breaker and consecutive_errors included)",
+                &["route", "gate"],
+            ),
             duration,
             retry_budget_exhausted: budget,
             policy_version: version,
@@ -397,6 +447,19 @@ impl Metrics {
         }
     }
 
+    pub(crate) fn rollout(&self, route: &str) -> RolloutMetrics {
+        RolloutMetrics {
+            weight: self.rollout_weight.with_label_values(&[route]),
+            step: self.rollout_step.with_label_values(&[route]),
+            state: ROLLOUT_STATES.map(|s| self.rollout_state.with_label_values(&[route, s])),
+            gate_value: ROLLOUT_GATES
+                .map(|g| self.rollout_gate_value.with_label_values(&[route, g])),
+            transitions: self.rollout_transitions.clone(),
+            gate_failures: self.rollout_gate_failures.clone(),
+            route: route.to_owned(),
+        }
+    }
+
     /// Handles for one (route, target) pair; `target` is `-` before a target is chosen.
     pub(crate) fn target(&self, route: &str, target: &str) -> TargetMetrics {
         TargetMetrics {
@@ -471,6 +534,39 @@ pub(crate) struct CacheMetrics {
     pub(crate) bypass: IntCounter,
     pub(crate) evictions: IntCounter,
     pub(crate) bytes: IntGauge,
+}
+
+/// Rollout states, as the `state` label writes them.
+pub(crate) const ROLLOUT_STATES: [&str; 4] = ["ramping", "paused", "complete", "rolled_back"];
+/// Rollout gates, as the `gate` label writes them.
+pub(crate) const ROLLOUT_GATES: [&str; 3] = ["error_rate", "latency_p99", "shadow_agreement"];
+
+/// The metrics of one route's rollout (written by the rollout controller only).
+#[derive(Debug, Clone)]
+pub(crate) struct RolloutMetrics {
+    pub(crate) weight: Gauge,
+    pub(crate) step: IntGauge,
+    /// By `ROLLOUT_STATES`.
+    pub(crate) state: [IntGauge; 4],
+    /// By `ROLLOUT_GATES`.
+    pub(crate) gate_value: [Gauge; 3],
+    transitions: IntCounterVec,
+    gate_failures: IntCounterVec,
+    route: String,
+}
+
+impl RolloutMetrics {
+    pub(crate) fn transition(&self, from: &str, to: &str) {
+        self.transitions
+            .with_label_values(&[self.route.as_str(), from, to])
+            .inc();
+    }
+
+    pub(crate) fn gate_failed(&self, gate: &str) {
+        self.gate_failures
+            .with_label_values(&[self.route.as_str(), gate])
+            .inc();
+    }
 }
 
 /// The metrics of one route's shadow.

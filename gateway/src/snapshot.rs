@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicU32;
 use parking_lot::Mutex;
 
 use crate::metrics::{EnsembleMetrics, Metrics, RouteMetrics, TargetMetrics};
+use crate::rollout::Rollout;
 use crate::routing::{
     CacheSpec, CompileError, InvalidRoute, Plan, PlanId, Route, RoutingTable, TargetId,
 };
@@ -47,6 +48,8 @@ pub(crate) struct RouteEntry {
     pub(crate) plans: Box<[PlanEntry]>,
     pub(crate) shadow: Option<Arc<ShadowStats>>,
     pub(crate) cache: Option<RouteCache>,
+    /// The live rollout, when the route has one (kept across reloads of its generation).
+    pub(crate) rollout: Option<Arc<Rollout>>,
 }
 
 /// The runtime pieces of one plan.
@@ -77,6 +80,20 @@ pub(crate) struct EnsembleRuntime {
 pub(crate) struct Kept {
     caches: Mutex<HashMap<CacheIdentity, RouteCache>>,
     shadow_in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    /// Live rollouts by route; a route's entry is replaced when its generation changes.
+    rollouts: Mutex<HashMap<String, Arc<Rollout>>>,
+    /// `state_dir` of gateway.yaml: where rollouts keep their state.
+    state_dir: Option<std::path::PathBuf>,
+}
+
+impl Kept {
+    /// Nothing kept yet; rollouts keep their state under `state_dir`.
+    pub(crate) fn new(state_dir: Option<std::path::PathBuf>) -> Self {
+        Self {
+            state_dir,
+            ..Self::default()
+        }
+    }
 }
 
 /// What a cache is the cache of: the route, its settings, and what its plans mean.
@@ -110,6 +127,21 @@ impl RouteEntry {
     /// The runtime of an ensemble plan.
     pub(crate) fn ensemble(&self, plan: PlanId) -> Option<&EnsembleRuntime> {
         self.plans.get(plan.0 as usize)?.ensemble.as_ref()
+    }
+
+    /// Whether the rollout's candidate, when it is a target, has its breaker open.
+    pub(crate) fn rollout_candidate_open(&self) -> bool {
+        match self
+            .route
+            .rollout
+            .as_ref()
+            .map(|r| self.route.plan(r.candidate))
+        {
+            Some(Plan::Target(t)) => {
+                self.target(*t).state.breaker.state() == crate::upstream::breaker::State::Open
+            }
+            _ => false,
+        }
     }
 
     /// Whether a target can take traffic now (routing's health predicate).
@@ -230,7 +262,24 @@ impl Snapshot {
                 used.push(identity);
                 cache
             });
+            let rollout = route.rollout.as_ref().map(|spec| {
+                let mut live = kept.rollouts.lock();
+                match live.get(&*route.name) {
+                    Some(r) if r.spec.generation == spec.generation => r.clone(),
+                    _ => {
+                        let r = Rollout::start(
+                            &route.name,
+                            spec,
+                            metrics.rollout(&route.name),
+                            kept.state_dir.as_deref(),
+                        );
+                        live.insert(route.name.to_string(), r.clone());
+                        r
+                    }
+                }
+            });
             let entry = RouteEntry {
+                rollout,
                 name_header: header(&route.name),
                 metrics: metrics.route(&route.name),
                 route: route.clone(),
@@ -241,6 +290,15 @@ impl Snapshot {
             };
             routes.insert(route.name.to_string().into_boxed_str(), Arc::new(entry));
         }
+        // A rollout whose route is gone or no longer has one ends, and its state with it:
+        // the same section added again later is a new rollout.
+        kept.rollouts.lock().retain(|name, r| {
+            let keep = table.get(name).is_some_and(|route| route.rollout.is_some());
+            if !keep {
+                r.remove_state();
+            }
+            keep
+        });
         // A cache whose route is gone or now means something else is let go.
         kept.caches
             .lock()

@@ -1,6 +1,8 @@
 //! The admin API (loopback by default): `/metrics`, `GET /admin/policy`,
 //! `POST /admin/reload` (bearer token), `GET /admin/targets`, `GET /admin/shadow` (running
-//! shadow agreement per route), and the health endpoints. The topology reads need the
+//! shadow agreement per route), `GET /admin/rollouts[/ROUTE]` and
+//! `POST /admin/rollouts/ROUTE/(pause|resume|promote|abort)` (bearer token), and the
+//! health endpoints. The topology reads need the
 //! bearer token too unless `admin.topology` lets them be open (by default: on a loopback
 //! listener).
 
@@ -35,7 +37,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
     let topology = matches!(
         path.as_str(),
         "/admin/policy" | "/admin/targets" | "/admin/shadow"
-    );
+    ) || path.starts_with("/admin/rollouts");
     let (status, content_type, body) = match (method.as_str(), path.as_str()) {
         ("GET", _) if topology && shared.topology_needs_token && !authorized => json_reply(
             401,
@@ -124,6 +126,51 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
             }
             rows.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
             json_reply(200, json!({ "shadows": rows }))
+        }
+        ("GET", "/admin/rollouts") => {
+            let mut rows: Vec<serde_json::Value> = snapshot
+                .routes
+                .values()
+                .filter_map(|e| e.rollout.as_ref().map(|r| r.status(&e.route.file)))
+                .collect();
+            rows.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
+            json_reply(200, json!({ "rollouts": rows }))
+        }
+        (_, p) if p.starts_with("/admin/rollouts/") => {
+            let rest = &p["/admin/rollouts/".len()..];
+            let (route, command) = match rest.split_once('/') {
+                Some((r, c)) => (r, Some(c)),
+                None => (rest, None),
+            };
+            let entry = snapshot.routes.get(route);
+            let rollout = entry.and_then(|e| e.rollout.as_ref().map(|r| (e, r)));
+            match (method.as_str(), command, rollout) {
+                (_, _, None) => json_reply(
+                    404,
+                    json!({ "error": match entry {
+                        None => format!("no route '{route}'; routes: {}", snapshot.route_list),
+                        Some(_) => format!("route '{route}' has no rollout section"),
+                    } }),
+                ),
+                ("GET", None, Some((e, r))) => json_reply(200, r.status(&e.route.file)),
+                ("POST", Some(command), Some((e, r))) => match &shared.admin_token {
+                    None => json_reply(
+                        403,
+                        json!({ "error": "rollout commands are disabled: set admin.token_env in gateway.yaml and export that variable" }),
+                    ),
+                    Some(_) if !authorized => {
+                        json_reply(401, json!({ "error": "missing or wrong bearer token" }))
+                    }
+                    Some(_) => match r.command(command, "the admin API") {
+                        Ok(()) => json_reply(200, r.status(&e.route.file)),
+                        Err(error) => json_reply(409, json!({ "error": error })),
+                    },
+                },
+                _ => json_reply(
+                    405,
+                    json!({ "error": format!("use GET /admin/rollouts/{route} or POST /admin/rollouts/{route}/(pause|resume|promote|abort)") }),
+                ),
+            }
         }
         ("POST", "/admin/reload") => match &shared.admin_token {
             None => json_reply(

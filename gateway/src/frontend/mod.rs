@@ -76,6 +76,8 @@ pub(crate) struct ReplyHeaders {
     pub(crate) cascade: Option<&'static str>,
     /// `x-switchyard-shadow`: whether a shadow copy was sent or dropped.
     pub(crate) shadow: Option<&'static str>,
+    /// `x-switchyard-rollout`: the route's rollout step and weight.
+    pub(crate) rollout: Option<HeaderValue>,
     /// `retry-after` (seconds), when the request was shed.
     pub(crate) retry_after: Option<&'static str>,
 }
@@ -88,6 +90,7 @@ impl ReplyHeaders {
             (&TARGET, &self.target),
             (&POLICY, &self.policy),
             (&CASCADE_STAGE, &self.cascade_stage),
+            (&ROLLOUT, &self.rollout),
         ] {
             if let Some(v) = value {
                 f(name, v.clone());
@@ -144,6 +147,7 @@ mod names {
     pub(super) static CACHE: Named = named("x-switchyard-cache");
     pub(super) static CASCADE: Named = named("x-switchyard-cascade");
     pub(super) static SHADOW: Named = named("x-switchyard-shadow");
+    pub(super) static ROLLOUT: Named = named("x-switchyard-rollout");
     pub(super) static RETRY_AFTER: Named = named("retry-after");
 }
 

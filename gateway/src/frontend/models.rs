@@ -23,6 +23,7 @@ use crate::execute::{self, Executor, ShadowCopy};
 use crate::grpc::infer::InferMessage;
 use crate::grpc::{MODEL_CONFIG, MODEL_METADATA, MODEL_READY, MODEL_STATISTICS};
 use crate::metrics::Protocol;
+use crate::routing::rollout::Arm;
 use crate::routing::{Decision, PlanId, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{Answer, AnsweredBy, cache, shadow};
@@ -96,6 +97,17 @@ pub(crate) async fn infer(
             return Err(error);
         }
     };
+    // A rollout moves its share of the baseline's requests to the candidate.
+    let (decision, arm) = match (&entry.route.rollout, &entry.rollout) {
+        (Some(spec), Some(live)) => {
+            let (threshold, header) = live.now();
+            said.rollout = Some(header.clone());
+            spec.divert(&entry.route, decision, headers, random, threshold, &|t| {
+                entry.available(t)
+            })
+        }
+        _ => (decision, None),
+    };
     // The client's own deadline: its grpc-timeout or its Triton `timeout` parameter.
     let clients = message.timeout_us.map(Duration::from_micros);
     let client = match (client_deadline, clients) {
@@ -111,7 +123,7 @@ pub(crate) async fn infer(
         random,
         deadline,
     );
-    let report = start_shadow(&exec, (shared, snapshot, entry), &decision, said);
+    let report = start_shadow(&exec, (shared, snapshot, entry), &decision, arm, said);
     let run = async {
         match &entry.cache {
             None => exec.decided(&decision).await,
@@ -135,6 +147,9 @@ pub(crate) async fn infer(
         }),
     };
     finish(entry, Some(&decision), protocol, start, &result, said);
+    if let (Some(arm), Some(live)) = (arm, &entry.rollout) {
+        live.record(arm, rollout_outcome(&decision, &result, start.elapsed()));
+    }
     match result {
         Ok(answer) => {
             if let Some(report) = report {
@@ -146,6 +161,29 @@ pub(crate) async fn infer(
     }
 }
 
+/// What a finished request counts for its side: answered by the plan it was decided to
+/// (with its latency), failed or answered by a fallback (an error), or nothing when the
+/// client caused the failure.
+fn rollout_outcome(
+    decision: &Decision,
+    result: &Result<Answer, Failure>,
+    took: Duration,
+) -> Option<Result<Duration, ()>> {
+    match result {
+        Ok(answer) => {
+            let by_decided = match answer.by {
+                AnsweredBy::Target(t) => decision.target == Some(t),
+                AnsweredBy::Plan(p) => decision.plan == p,
+            };
+            Some(if by_decided { Ok(took) } else { Err(()) })
+        }
+        Err(f) => match f.error.outcome() {
+            Outcome::ClientError | Outcome::Ok => None,
+            _ => Some(Err(())),
+        },
+    }
+}
+
 /// Starts the route's shadow copy when this request is sampled. The copy is spawned before
 /// the primary runs; on this thread's event loop it starts once the primary's request is
 /// out (and never holds the primary up). A request whose primary already is the shadow
@@ -154,9 +192,17 @@ fn start_shadow(
     exec: &Executor<'_>,
     owners: (&Arc<Shared>, &Arc<Snapshot>, &Arc<RouteEntry>),
     decision: &Decision,
+    arm: Option<Arm>,
     said: &mut ReplyHeaders,
 ) -> Option<shadow::PrimaryReport> {
     let entry = exec.entry;
+    // A baseline request shadowed to the candidate is a comparison its rollout counts.
+    let gate = match (&entry.route.rollout, &entry.rollout, &entry.route.shadow) {
+        (Some(r), Some(live), Some(sh)) if arm == Some(Arm::Baseline) && sh.plan == r.candidate => {
+            Some(live.agreement.clone())
+        }
+        _ => None,
+    };
     match (&entry.route.shadow, &entry.shadow) {
         (Some(spec), _) if spec.plan == decision.plan => {
             said.shadow = Some("same");
@@ -172,7 +218,7 @@ fn start_shadow(
                 random: exec.random,
                 deadline: exec.deadline,
             };
-            let report = shadow::start(stats.clone(), copy.run(spec.plan));
+            let report = shadow::start(stats.clone(), gate, copy.run(spec.plan));
             said.shadow = Some(if report.is_some() { "sent" } else { "dropped" });
             report
         }

@@ -11,6 +11,7 @@ use switchyard_config::policy::{HeaderMatchConfig, PlanConfig};
 use switchyard_config::{GatewayConfig, LoadedPolicy, PolicySet, rules};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::rollout::{Gates, RolloutSpec};
 use super::{
     Accept, CacheSpec, Ensemble, HeaderMatcher, Plan, PlanId, RetryPolicy, Route, RoutingTable,
     Rule, Shadow, Split, Stage, Target, TargetId,
@@ -212,10 +213,43 @@ pub fn compile(
                     .for_each(|k| h.update(&k.to_le_bytes()));
                 h.digest()
             };
+            if let Some(r) = route.rollout.as_mut() {
+                r.generation = rollout_generation(r, &route.plan_keys);
+            }
             (name, Arc::new(route))
         })
         .collect();
     Ok(RoutingTable { routes })
+}
+
+/// What makes a rollout generation: every setting of the section and what its candidate
+/// and baseline mean (a comment or an unrelated edit changes nothing).
+fn rollout_generation(r: &RolloutSpec, keys: &[u64]) -> u64 {
+    let mut h = Xxh3::new();
+    for k in [keys[r.candidate.0 as usize], keys[r.baseline.0 as usize]] {
+        h.update(&k.to_le_bytes());
+    }
+    for s in r.steps.iter() {
+        h.update(&s.to_bits().to_le_bytes());
+    }
+    h.update(&r.interval.as_nanos().to_le_bytes());
+    h.update(&r.min_requests.to_le_bytes());
+    for g in [
+        r.gates.error_rate,
+        r.gates.latency_p99,
+        r.gates.shadow_agreement,
+    ] {
+        h.update(&g.map_or(u64::MAX, f64::to_bits).to_le_bytes());
+    }
+    h.update(&[r.on_failure as u8]);
+    h.update(&r.max_consecutive_errors.to_le_bytes());
+    h.update(
+        r.sticky
+            .as_ref()
+            .map_or(&b""[..], |n| n.as_str().as_bytes()),
+    );
+    h.update(&r.salt);
+    h.digest()
 }
 
 /// Compiles one policy file's route (its plan keys and fingerprint come later, once every
@@ -316,6 +350,10 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
             })
         }
     };
+    let rollout = match &p.rollout {
+        None => None,
+        Some(r) => Some(compile_rollout(&r.value, &p.route.value, &mut arena)?),
+    };
     let plan_names = plan_names(&targets, &arena.plans, &named_plans);
     let route = Route {
         name: p.route.value.as_str().into(),
@@ -368,8 +406,89 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
             })
             .transpose()?,
         fingerprint: 0,
+        rollout,
     };
     Ok(route)
+}
+
+/// Compiles a rollout section; its generation is set once the plans are keyed.
+fn compile_rollout(
+    r: &switchyard_config::policy::RolloutConfig,
+    route: &str,
+    arena: &mut Arena<'_>,
+) -> Result<RolloutSpec, CompileError> {
+    let runnable = |id: PlanId, field: &str, arena: &Arena<'_>| match arena.plans[id.0 as usize] {
+        Plan::Split(_) | Plan::Route(_) => Err(invalid(format!("rollout.{field}"))(
+            "a rollout's candidate and baseline are targets, cascades or ensembles".into(),
+        )),
+        _ => Ok(id),
+    };
+    let candidate = runnable(arena.named(&r.candidate.value)?, "candidate", arena)?;
+    let baseline = runnable(arena.named(&r.baseline.value)?, "baseline", arena)?;
+    if r.candidate.value == r.baseline.value {
+        return Err(invalid("rollout.candidate")(
+            "the candidate is the baseline".into(),
+        ));
+    }
+    let mut thresholds = Vec::with_capacity(r.steps.value.len());
+    for (i, step) in r.steps.value.iter().enumerate() {
+        let t = rules::percent_threshold(*step).map_err(invalid(format!("rollout.steps[{i}]")))?;
+        if thresholds.last().is_some_and(|last| *last >= t)
+            || (i > 0 && r.steps.value[i - 1] >= *step)
+        {
+            return Err(invalid(format!("rollout.steps[{i}]"))(
+                "steps must increase".into(),
+            ));
+        }
+        thresholds.push(if *step >= 100.0 {
+            super::rollout::ALL
+        } else {
+            t
+        });
+    }
+    if thresholds.is_empty() {
+        return Err(invalid("rollout.steps")(
+            "a rollout needs at least one step".into(),
+        ));
+    }
+    let sticky = match &r.sticky {
+        Some(st) => Some(sticky_name(&st.value, "rollout.sticky")?),
+        // The route's first sticky split: the rollout moves the same clients together.
+        None => arena.plans.iter().find_map(|p| match p {
+            Plan::Split(s) => s.sticky.clone(),
+            _ => None,
+        }),
+    };
+    Ok(RolloutSpec {
+        candidate,
+        baseline,
+        candidate_name: r.candidate.value.as_str().into(),
+        baseline_name: r.baseline.value.as_str().into(),
+        steps: r.steps.value.clone().into(),
+        thresholds: thresholds.into(),
+        interval: rules::within(
+            "interval",
+            r.interval.value.0,
+            std::time::Duration::from_secs(7 * 24 * 3600),
+        )
+        .map_err(invalid("rollout.interval"))?,
+        min_requests: r.min_requests.max(1),
+        gates: Gates {
+            error_rate: r.gates.error_rate.as_ref().map(|g| g.value.max_increase),
+            latency_p99: r.gates.latency_p99.as_ref().map(|g| g.value.max_ratio),
+            shadow_agreement: r.gates.shadow_agreement.as_ref().map(|g| g.value.min),
+        },
+        on_failure: r.on_failure,
+        max_consecutive_errors: r.max_consecutive_errors.max(1),
+        sticky,
+        salt: format!("rollout:{route}").into_bytes().into(),
+        generation: 0,
+    })
+}
+
+fn sticky_name(key: &str, field: &str) -> Result<HeaderName, CompileError> {
+    let h = rules::sticky_header(key).map_err(invalid(field.to_owned()))?;
+    HeaderName::from_bytes(h.as_bytes()).map_err(|e| invalid(field.to_owned())(e.to_string()))
 }
 
 /// Names every plan: targets and named plans by their names, unnamed plans by their kind,
@@ -517,27 +636,28 @@ fn matcher(name: &str, cond: &HeaderMatchConfig) -> Result<HeaderMatcher, String
     })
 }
 
+/// Compiles one policy as parsed, without validation: what the compiler does when a
+/// rule slips past `switchyard check`.
+#[cfg(test)]
+pub(crate) fn compile_unvalidated(text: &str) -> Result<RoutingTable, InvalidRoute> {
+    let file = std::path::PathBuf::from("policies/r.yaml");
+    let policy = switchyard_config::parse_yaml(&file, text).unwrap_or_else(|d| panic!("{d}"));
+    let gateway: GatewayConfig = switchyard_config::parse_yaml(
+        std::path::Path::new("gateway.yaml"),
+        "policies: policies\nbackends:\n  stable: { endpoints: [\"127.0.0.1:1\"] }\n",
+    )
+    .unwrap();
+    compile(
+        &PolicySet {
+            files: vec![LoadedPolicy { file, policy }],
+        },
+        &gateway,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Compiles one policy as parsed, without validation: what the compiler does when a
-    /// rule slips past `switchyard check`.
-    fn compile_unvalidated(text: &str) -> Result<RoutingTable, InvalidRoute> {
-        let file = std::path::PathBuf::from("policies/r.yaml");
-        let policy = switchyard_config::parse_yaml(&file, text).unwrap_or_else(|d| panic!("{d}"));
-        let gateway: GatewayConfig = switchyard_config::parse_yaml(
-            std::path::Path::new("gateway.yaml"),
-            "policies: policies\nbackends:\n  stable: { endpoints: [\"127.0.0.1:1\"] }\n",
-        )
-        .unwrap();
-        compile(
-            &PolicySet {
-                files: vec![LoadedPolicy { file, policy }],
-            },
-            &gateway,
-        )
-    }
 
     #[test]
     fn one_model_version_from_two_pools_gets_two_labels() {

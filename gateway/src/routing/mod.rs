@@ -10,6 +10,7 @@
 mod compile;
 mod explain;
 mod matcher;
+pub mod rollout;
 mod split;
 
 use std::collections::HashMap;
@@ -18,6 +19,8 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+#[cfg(test)]
+pub(crate) use compile::compile_unvalidated;
 pub use compile::{CompileError, InvalidRoute, compile, load};
 pub use explain::explain;
 pub use matcher::HeaderMatcher;
@@ -171,6 +174,8 @@ pub struct Route {
     /// A hash of what every plan of the route means (its `plan_keys`): a reload that
     /// changes it starts the route's cache afresh and frees the old one.
     pub fingerprint: u64,
+    /// The canary rollout, if any.
+    pub rollout: Option<rollout::RolloutSpec>,
 }
 
 /// Why a decision came out as it did.

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +25,15 @@ pub(crate) struct ShadowStats {
     pub(crate) max_in_flight: u32,
 }
 
+/// Comparisons a rollout's `shadow_agreement` gate counts: those of its baseline's
+/// requests with the candidate's shadow answers (an answer that cannot be compared is a
+/// disagreement: the candidate did not give the baseline's answer).
+#[derive(Debug, Default)]
+pub(crate) struct Agreement {
+    pub(crate) agree: AtomicU64,
+    pub(crate) disagree: AtomicU64,
+}
+
 /// Whether a request is sampled: `random` against a threshold out of 2^32.
 pub(crate) fn sampled(threshold: u64, random: u64) -> bool {
     (random >> 32) < threshold
@@ -36,7 +45,11 @@ pub(crate) type PrimaryReport = oneshot::Sender<(Bytes, Duration)>;
 /// Starts a shadow run of `call` unless `max_in_flight` copies are running (then the copy
 /// is dropped and counted). Returns the sender the primary reports its answer on, or
 /// `None` when dropped. The primary never awaits anything of the shadow.
-pub(crate) fn start<F>(stats: Arc<ShadowStats>, call: F) -> Option<PrimaryReport>
+pub(crate) fn start<F>(
+    stats: Arc<ShadowStats>,
+    gate: Option<Arc<Agreement>>,
+    call: F,
+) -> Option<PrimaryReport>
 where
     F: Future<Output = Result<Answer, GatewayError>> + Send + 'static,
 {
@@ -64,6 +77,7 @@ where
                 if let Ok((primary_response, primary_took)) = primary.await {
                     record(
                         &stats,
+                        gate.as_deref(),
                         &primary_response,
                         &answer.response,
                         primary_took,
@@ -79,6 +93,7 @@ where
 
 fn record(
     stats: &ShadowStats,
+    gate: Option<&Agreement>,
     primary: &Bytes,
     shadow: &Bytes,
     primary_took: Duration,
@@ -86,6 +101,11 @@ fn record(
 ) {
     let compared = tensors::decode(primary)
         .and_then(|(_, p)| tensors::decode(shadow).and_then(|(_, s)| tensors::compare(&p, &s)));
+    if let Some(gate) = gate {
+        let agreed = compared.as_ref().is_ok_and(|c| c.agree);
+        let counter = if agreed { &gate.agree } else { &gate.disagree };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
     match compared {
         Ok(c) => {
             if c.agree {
@@ -204,7 +224,7 @@ mod tests {
         ms: u64,
         result: Result<Answer, &'static str>,
     ) -> Option<PrimaryReport> {
-        start(s.clone(), async move {
+        start(s.clone(), None, async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             result.map_err(|e| GatewayError::Upstream {
                 code: 14,
