@@ -23,8 +23,13 @@
 //!   100% shadow; always-MLP vs the cascade (and MLP calls per request, from the gateway's
 //!   metrics); each ensemble member alone vs the ensemble of three; the same request
 //!   uncached vs served from the cache.
+//! * `rollout`: a route under rollout against the same route without one (throughput,
+//!   gateway CPU and, with `--callgrind`, instructions per request), then the rollback
+//!   latency of a confidently wrong candidate (`digits_shuffled`), from the answers: the
+//!   gate's evidence complete → the rollback → the last request that reached it
+//!   (`benches/loadgen/rollout.rs`).
 //!
-//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies] [--duration 5]
+//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout] [--duration 5]
 //! [--warmup 1] [--concurrency 1,8,32] [--pin] [--client loadgen|perf_analyzer] [--reps 1]
 //! [--workers N] [--callgrind 1000]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
@@ -47,6 +52,8 @@ use tonic::transport::Channel;
 mod callgrind;
 #[path = "loadgen/peers.rs"]
 mod peers;
+#[path = "loadgen/rollout.rs"]
+mod rollout;
 
 struct Args {
     scenario: String,
@@ -842,6 +849,9 @@ fn main() {
     }
     if args.scenario == "strategies" || args.scenario == "all" {
         strategies(&args, &repo, &runtime);
+    }
+    if args.scenario == "rollout" || args.scenario == "all" {
+        rollout::run(&args, &repo, &runtime);
     }
 }
 

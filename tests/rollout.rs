@@ -405,6 +405,19 @@ async fn a_restart_resumes_the_step_and_a_corrupt_state_file_restarts_at_step_on
         resp.metadata().get("x-switchyard-rollout").unwrap(),
         "step=2/3; weight=50"
     );
+    // `switchyard explain` reads the step from the state file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["explain", "resume", "--config"])
+        .arg(gw.dir.path().join("gateway.yaml"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains(
+            "rollout: cand takes 50% of stable's default-plan requests (step-2 of 3; from "
+        ) && out.contains("this request is drawn at random: 50% go to cand"),
+        "{out}"
+    );
     gw.gw.stop().await;
 
     let file = state.path().join("resume.rollout.json");

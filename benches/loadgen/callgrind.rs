@@ -57,6 +57,15 @@ pub(crate) fn instrument_on(pid: u32) {
     assert!(out.status.success(), "callgrind_control -i on");
 }
 
+/// Turns instrumentation off again (a later window starts with [`instrument_on`]).
+pub(crate) fn instrument_off(pid: u32) {
+    let out = Command::new("callgrind_control")
+        .args(["-i", "off", &pid.to_string()])
+        .output()
+        .expect("callgrind_control");
+    assert!(out.status.success(), "callgrind_control -i off");
+}
+
 /// Dumps the counts since [`instrument_on`] and reads them back.
 pub(crate) fn dump(pid: u32, dir: &Path) -> Count {
     control(pid, "-d");
