@@ -71,6 +71,13 @@ pub fn finish(
     Ok((out, changes))
 }
 
+/// The 1-based `line` of the file, to edit.
+fn line_mut(lines: &mut [String], line: u64) -> Result<&mut String, String> {
+    lines
+        .get_mut((line as usize).wrapping_sub(1))
+        .ok_or_else(|| format!("line {line} is not in the file"))
+}
+
 /// Replaces `from` with `to` at 1-based `line`, `column`, checking the text is there.
 fn replace_at(
     lines: &mut [String],
@@ -79,9 +86,7 @@ fn replace_at(
     from: &str,
     to: &str,
 ) -> Result<(), String> {
-    let l = lines
-        .get_mut((line as usize).wrapping_sub(1))
-        .ok_or_else(|| format!("line {line} is not in the file"))?;
+    let l = line_mut(lines, line)?;
     let start = (column as usize).saturating_sub(1);
     // A quoted scalar's position is its quote.
     let start = match l.as_bytes().get(start) {
@@ -105,10 +110,10 @@ fn replace_key_before(
     from: &str,
     to: &str,
 ) -> Result<(), String> {
-    let l = lines
-        .get_mut((line as usize).wrapping_sub(1))
-        .ok_or_else(|| format!("line {line} is not in the file"))?;
-    let before = &l[..(column as usize).saturating_sub(1).min(l.len())];
+    let l = line_mut(lines, line)?;
+    // Columns count characters: a byte index inside one falls back to the whole line.
+    let end = (column as usize).saturating_sub(1).min(l.len());
+    let before = l.get(..end).unwrap_or(l.as_str());
     let Some(at) = before.rfind(from) else {
         return Err(format!("line {line} has no key '{from}': {l}"));
     };
