@@ -16,9 +16,22 @@ Models:
                       and almost never agree with digits_mlp v1, so a gateway that compares a
                       canary's answers with the current model's rolls it back. Never route real
                       traffic to it. Its holdout "accuracy" is against the true labels (near 0).
+  digits_pca v1       a PCA feature extractor: INPUT__0 [-1, 64] -> `features` FP32 [-1, 16]
+                      (x/16, minus the training mean, times the first 16 principal axes)
+  digits_pca_mlp v1   an MLP (64) on those 16 features: `FEATURES` FP32 [-1, 16] ->
+                      `probabilities` [-1, 10]; the pipeline route `digits-pipeline` chains the two
+  digits_specialist v1  an MLP (64) trained only on the training rows of the CONFUSABLE digits
+                      (the digits in most of digits_linear's errors on the training split,
+                      measured below): its softmax over those classes is laid out on the 10
+                      columns (0 elsewhere), behind the switch route `digits-switch`
+
+Routes: the held-out file also carries the reference answers of the sample routes
+`digits-pipeline` (digits_pca_mlp(digits_pca(x))) and `digits-switch` (digits_specialist where
+digits_linear's top class is a confusable digit, else digits_linear), composed here with ONNX
+Runtime on the committed model files, with their accuracy and model calls per request.
 
 The ONNX graphs are written by hand from the trained weights with standard ai.onnx operators
-only (Mul, MatMul, Add, Relu, Softmax), so any ONNX runtime (tract, ONNX Runtime, Triton)
+only (Mul, Sub, MatMul, Add, Relu, Softmax), so any ONNX runtime (tract, ONNX Runtime, Triton)
 loads them; skl2onnx would emit ai.onnx.ml operators that tract does not implement.
 
 Writes, relative to the repository root:
@@ -69,6 +82,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -85,27 +99,12 @@ SHUFFLE = np.array([(d + 3) % 10 for d in range(10)], dtype=np.int64)
 assert (SHUFFLE != np.arange(10)).all() and sorted(SHUFFLE) == list(range(10)), "SHUFFLE: derangement"
 
 
-def graph_from_layers(name, layers):
-    """An ONNX graph: x/16, then (MatMul, Add, Relu)* and a final MatMul, Add, Softmax."""
-    nodes = [helper.make_node("Mul", ["INPUT__0", "scale"], ["h0"], name="rescale")]
-    inits = [numpy_helper.from_array(np.array([1.0 / 16.0], dtype=np.float32), "scale")]
-    current = "h0"
-    for i, (w, b) in enumerate(layers):
-        last = i == len(layers) - 1
-        inits.append(numpy_helper.from_array(w.astype(np.float32), f"W{i}"))
-        inits.append(numpy_helper.from_array(b.astype(np.float32), f"B{i}"))
-        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"mm{i}"], name=f"matmul{i}"))
-        nodes.append(helper.make_node("Add", [f"mm{i}", f"B{i}"], [f"z{i}"], name=f"add{i}"))
-        if last:
-            nodes.append(helper.make_node("Softmax", [f"z{i}"], ["probabilities"], axis=1, name="softmax"))
-        else:
-            nodes.append(helper.make_node("Relu", [f"z{i}"], [f"a{i}"], name=f"relu{i}"))
-            current = f"a{i}"
+def finish_graph(name, nodes, inits, inputs, outputs):
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("INPUT__0", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", w]) for n, w in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", w]) for n, w in outputs],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="switchyard-train")
@@ -114,26 +113,71 @@ def graph_from_layers(name, layers):
     return model
 
 
+def graph_from_layers(name, layers, input_name="INPUT__0", rescale=True, spread=None):
+    """An ONNX graph: x/16 (when `rescale`), then (MatMul, Add, Relu)* and a final MatMul, Add,
+    Softmax; `spread` (classes x 10, 0/1) lays a softmax over fewer classes on the 10 columns."""
+    nodes, inits = [], []
+    current = input_name
+    if rescale:
+        nodes.append(helper.make_node("Mul", [input_name, "scale"], ["h0"], name="rescale"))
+        inits.append(numpy_helper.from_array(np.array([1.0 / 16.0], dtype=np.float32), "scale"))
+        current = "h0"
+    for i, (w, b) in enumerate(layers):
+        last = i == len(layers) - 1
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"W{i}"))
+        inits.append(numpy_helper.from_array(b.astype(np.float32), f"B{i}"))
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"mm{i}"], name=f"matmul{i}"))
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"B{i}"], [f"z{i}"], name=f"add{i}"))
+        if last and spread is None:
+            nodes.append(helper.make_node("Softmax", [f"z{i}"], ["probabilities"], axis=1, name="softmax"))
+        elif last:
+            nodes.append(helper.make_node("Softmax", [f"z{i}"], ["p_classes"], axis=1, name="softmax"))
+            inits.append(numpy_helper.from_array(spread.astype(np.float32), "spread"))
+            nodes.append(helper.make_node("MatMul", ["p_classes", "spread"], ["probabilities"], name="spread"))
+        else:
+            nodes.append(helper.make_node("Relu", [f"z{i}"], [f"a{i}"], name=f"relu{i}"))
+            current = f"a{i}"
+    width = layers[0][0].shape[0]
+    return finish_graph(name, nodes, inits, [(input_name, width)], [("probabilities", 10)])
+
+
+def pca_graph(name, pca):
+    """x/16 - mean, times the principal axes: `features` [-1, k]."""
+    k = pca.components_.shape[0]
+    nodes = [
+        helper.make_node("Mul", ["INPUT__0", "scale"], ["h0"], name="rescale"),
+        helper.make_node("Sub", ["h0", "mean"], ["centred"], name="centre"),
+        helper.make_node("MatMul", ["centred", "axes"], ["features"], name="project"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1.0 / 16.0], dtype=np.float32), "scale"),
+        numpy_helper.from_array(pca.mean_.astype(np.float32), "mean"),
+        numpy_helper.from_array(pca.components_.T.astype(np.float32), "axes"),
+    ]
+    return finish_graph(name, nodes, inits, [("INPUT__0", 64)], [("features", k)])
+
+
 DEFAULT_COMMENT = "digit classifier trained by backends/train/train_digits.py."
 
 
-def config_pbtxt(name, version_policy, comment=DEFAULT_COMMENT):
+def config_pbtxt(name, version_policy, comment=DEFAULT_COMMENT, io=(("INPUT__0", 64), ("probabilities", 10))):
+    (input_name, input_width), (output_name, output_width) = io
     return f"""# {name}: {comment}
 name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: 64
 {version_policy}input [
   {{
-    name: "INPUT__0"
+    name: "{input_name}"
     data_type: TYPE_FP32
-    dims: [ 64 ]
+    dims: [ {input_width} ]
   }}
 ]
 output [
   {{
-    name: "probabilities"
+    name: "{output_name}"
     data_type: TYPE_FP32
-    dims: [ 10 ]
+    dims: [ {output_width} ]
   }}
 ]
 dynamic_batching {{
@@ -163,9 +207,21 @@ def write_version(model_dir, version, model):
     return path
 
 
-def run_onnx(path, x):
+def run_onnx(path, x, io=("INPUT__0", "probabilities")):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(["probabilities"], {"INPUT__0": x})[0]
+    return sess.run([io[1]], {io[0]: x})[0]
+
+
+def confusable_digits(model, x, y, count=3):
+    """The `count` digits in most of `model`'s errors on (x, y), as true or as answered class."""
+    predicted = model.predict(x)
+    involved = np.zeros(10, dtype=np.int64)
+    for t, p in zip(y, predicted):
+        if t != p:
+            involved[t] += 1
+            involved[p] += 1
+    order = sorted(range(10), key=lambda d: (-involved[d], d))
+    return sorted(order[:count]), involved
 
 
 def main():
@@ -241,6 +297,71 @@ def main():
         f"accuracy on permuted labels {permuted:.4f}, mean max-probability {confidence:.4f}"
     )
     assert agreement < 0.05 and confidence > 0.9, "digits_shuffled is not confidently wrong"
+
+    # The pipeline: a PCA feature extractor, then a classifier on its 16 features.
+    pca = PCA(n_components=16, svd_solver="full", random_state=SEED)
+    f_train = pca.fit_transform(s_train)
+    pca_mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=500, random_state=SEED + 3)
+    pca_mlp.fit(f_train, y_train)
+    # The switch: the digits linear confuses most on the training split, and a specialist for them.
+    confusable, involved = confusable_digits(linear, s_train, y_train)
+    print(f"digits_linear on the training split: errors involving each digit {involved.tolist()}; confusable: {confusable}")
+    mask = np.isin(y_train, confusable)
+    specialist = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=500, random_state=SEED + 4)
+    specialist.fit(s_train[mask], y_train[mask])
+    assert list(specialist.classes_) == confusable
+    spread = np.zeros((len(confusable), 10))
+    for i, d in enumerate(confusable):
+        spread[i, d] = 1.0
+    staged = {
+        "digits_pca": (pca_graph("digits_pca", pca), ("INPUT__0", "features"),
+                       "PCA feature extractor (64 pixels -> 16 features) trained by backends/train/train_digits.py."),
+        "digits_pca_mlp": (graph_from_layers("digits_pca_mlp", mlp_layers(pca_mlp), input_name="FEATURES", rescale=False),
+                           ("FEATURES", "probabilities"),
+                           "digit classifier on digits_pca's 16 features, trained by backends/train/train_digits.py."),
+        "digits_specialist": (graph_from_layers("digits_specialist", mlp_layers(specialist), spread=spread),
+                              ("INPUT__0", "probabilities"),
+                              f"specialist for the digits {confusable} that digits_linear confuses most, trained by "
+                              "backends/train/train_digits.py on those digits only (0 on the other columns)."),
+    }
+    widths = {"INPUT__0": 64, "features": 16, "FEATURES": 16, "probabilities": 10}
+    paths = {}
+    for name, (model, io, comment) in staged.items():
+        (REPO / name).mkdir(parents=True, exist_ok=True)
+        (REPO / name / "config.pbtxt").write_text(
+            config_pbtxt(name, "", comment, io=((io[0], widths[io[0]]), (io[1], widths[io[1]])))
+        )
+        paths[name] = (write_version(REPO / name, 1, model), io)
+    def run_staged(name, x):
+        path, io = paths[name]
+        return run_onnx(path, x, io)
+
+    features = run_staged("digits_pca", x_test)
+    assert np.abs(features - pca.transform(x_test / 16.0)).max() < 1e-4, "digits_pca: ONNX export disagrees with sklearn"
+    pipeline = run_staged("digits_pca_mlp", features)
+    assert np.abs(pipeline - pca_mlp.predict_proba(pca.transform(x_test / 16.0))).max() < 1e-4, "digits_pca_mlp: export"
+    special = run_staged("digits_specialist", x_test)
+    assert np.abs(special[:, confusable] - specialist.predict_proba(x_test / 16.0)).max() < 1e-4, "digits_specialist: export"
+    for name, probs in (("digits_pca_mlp", pipeline), ("digits_specialist", special)):
+        accuracy = float((probs.argmax(axis=1) == y_test).mean())
+        holdout["models"][f"{name}/1"] = {"accuracy": accuracy, "probabilities": [[float(v) for v in row] for row in probs]}
+        print(f"{name} v1: held-out accuracy {accuracy:.4f}")
+    linear_probs = onnx_probs[("digits_linear", 1)]
+    to_specialist = np.isin(linear_probs.argmax(axis=1), confusable)
+    switched = np.where(to_specialist[:, None], special, linear_probs)
+    holdout["confusable_digits"] = confusable
+    holdout["routes"] = {}
+    for route, probs, calls in (
+        ("digits-pipeline", pipeline, np.full(len(y_test), 2)),
+        ("digits-switch", switched, 1 + to_specialist.astype(np.int64)),
+    ):
+        accuracy = float((probs.argmax(axis=1) == y_test).mean())
+        holdout["routes"][route] = {
+            "accuracy": accuracy,
+            "model_calls": [int(c) for c in calls],
+            "probabilities": [[float(v) for v in row] for row in probs],
+        }
+        print(f"route {route}: held-out accuracy {accuracy:.4f}, model calls per request {calls.mean():.3f}")
 
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "digits_holdout.json").write_text(json.dumps(holdout, separators=(",", ":")) + "\n")
