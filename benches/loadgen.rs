@@ -28,8 +28,11 @@
 //!   latency of a confidently wrong candidate (`digits_shuffled`), from the answers: the
 //!   gate's evidence complete → the rollback → the last request that reached it
 //!   (`benches/loadgen/rollout.rs`).
+//! * `pipeline`: the gateway's cost per pipeline step: each step's model called directly,
+//!   the sample `digits-pipeline` route and a single-target route through the gateway,
+//!   interleaved per concurrency and rep (`benches/loadgen/pipeline.rs`).
 //!
-//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout] [--duration 5]
+//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout|pipeline] [--duration 5]
 //! [--warmup 1] [--concurrency 1,8,32] [--pin] [--client loadgen|perf_analyzer] [--reps 1]
 //! [--workers N] [--callgrind 1000]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
@@ -52,6 +55,8 @@ use tonic::transport::Channel;
 mod callgrind;
 #[path = "loadgen/peers.rs"]
 mod peers;
+#[path = "loadgen/pipeline.rs"]
+mod pipeline;
 #[path = "loadgen/rollout.rs"]
 mod rollout;
 
@@ -852,6 +857,9 @@ fn main() {
     }
     if args.scenario == "rollout" || args.scenario == "all" {
         rollout::run(&args, &repo, &runtime);
+    }
+    if args.scenario == "pipeline" || args.scenario == "all" {
+        pipeline::run(&args, &repo, &runtime);
     }
 }
 

@@ -132,8 +132,8 @@ def graph_from_layers(name, layers, input_name="INPUT__0", rescale=True, spread=
             nodes.append(helper.make_node("Softmax", [f"z{i}"], ["probabilities"], axis=1, name="softmax"))
         elif last:
             nodes.append(helper.make_node("Softmax", [f"z{i}"], ["p_classes"], axis=1, name="softmax"))
-            inits.append(numpy_helper.from_array(spread.astype(np.float32), "spread"))
-            nodes.append(helper.make_node("MatMul", ["p_classes", "spread"], ["probabilities"], name="spread"))
+            inits.append(numpy_helper.from_array(spread.astype(np.float32), "columns"))
+            nodes.append(helper.make_node("MatMul", ["p_classes", "columns"], ["probabilities"], name="spread"))
         else:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"a{i}"], name=f"relu{i}"))
             current = f"a{i}"

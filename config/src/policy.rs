@@ -57,7 +57,7 @@ pub struct PolicyFile {
     #[serde(default = "yes")]
     pub version_pinning: bool,
     /// Named plans, usable wherever a target name is (split weights, cascade stages,
-    /// ensemble members, rules, the default).
+    /// ensemble members, pipeline steps, switch cases, rules, the default).
     #[serde(default)]
     pub plans: IndexMap<String, At<PlanConfig>>,
     /// A copy of sampled requests goes to this plan; its answer is compared with the
@@ -280,6 +280,101 @@ pub enum PlanConfig {
     Ensemble(EnsembleConfig),
     /// Another route's plan (`{ route: digits }`): what that route would do.
     Route(String),
+    /// Steps in order, each fed the request's tensors or earlier steps' outputs.
+    Pipeline(PipelineConfig),
+    /// One plan's answer picks the plan that answers.
+    Switch(SwitchConfig),
+}
+
+/// A pipeline: steps run in order; a step's inputs are tensors of the client's request
+/// (`request.NAME`) or outputs of earlier steps (`STEP.NAME`).
+///
+/// ```yaml
+/// pipeline:
+///   steps:
+///     - name: features
+///       plan: pca
+///       inputs: { INPUT__0: request.INPUT__0 }
+///     - name: classify
+///       plan: pca-mlp
+///       inputs: { FEATURES: features.features }
+///   outputs: { probabilities: classify.probabilities }
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The steps, in the order they run.
+    pub steps: Vec<At<PipelineStepConfig>>,
+    /// What the client gets: output name to `STEP.NAME`. Default: the last step's answer as
+    /// it is.
+    #[serde(default)]
+    pub outputs: IndexMap<String, At<String>>,
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineStepConfig {
+    /// The step's name, which later steps and `outputs` read from (letters, digits, `_`
+    /// and `-`; not `request`).
+    pub name: At<String>,
+    /// What runs: a target or plan name, or an inline plan.
+    pub plan: At<PlanConfig>,
+    /// The step's request: input name to `request.NAME` or `STEP.NAME` of an earlier step.
+    /// Default (first step only): the client's request as it is.
+    #[serde(default)]
+    pub inputs: Option<IndexMap<String, At<String>>>,
+}
+
+/// A switch: `on` runs first; the first case whose condition its answer meets picks the
+/// plan that answers, else `default` (by default, `on`'s answer, already computed).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// The plan whose answer the cases look at.
+    pub on: At<SwitchOnConfig>,
+    /// Tried in order; the first that holds picks the plan.
+    pub cases: Vec<At<CaseConfig>>,
+    /// The plan when no case holds. Default: `on`'s plan, whose answer is returned as it is.
+    #[serde(default)]
+    pub default: Option<Box<At<PlanConfig>>>,
+}
+
+/// The answer a switch looks at.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchOnConfig {
+    /// A target or plan name; it runs on the client's request.
+    #[serde(alias = "step")]
+    pub plan: At<String>,
+    /// The output tensor the conditions read. Default: the answer's first output.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// One case of a switch.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaseConfig {
+    /// The condition; every row of the output must meet it.
+    pub when: At<WhenConfig>,
+    /// The plan that answers when it holds; it runs on the client's request.
+    pub plan: At<PlanConfig>,
+}
+
+/// A case's condition on each row of the output; every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WhenConfig {
+    /// The row's highest value is at one of these (0-based) indices.
+    #[serde(default)]
+    pub argmax: Option<Vec<i64>>,
+    /// The row's highest value is below this (0 < x <= 1).
+    #[serde(default)]
+    pub max_probability_below: Option<f64>,
+    /// The highest value minus the second highest is below this (0 < x <= 1).
+    #[serde(default)]
+    pub margin_below: Option<f64>,
 }
 
 /// One cascade stage.
@@ -378,7 +473,9 @@ fn one() -> u32 {
 
 // === impl PlanConfig ===
 
-const PLAN_KINDS: &[&str] = &["target", "split", "cascade", "ensemble", "route"];
+const PLAN_KINDS: &[&str] = &[
+    "target", "split", "cascade", "ensemble", "route", "pipeline", "switch",
+];
 
 impl<'de> Deserialize<'de> for PlanConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -386,7 +483,7 @@ impl<'de> Deserialize<'de> for PlanConfig {
         impl<'de> Visitor<'de> for PlanVisitor {
             type Value = PlanConfig;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a target or plan name, or a map with one key: target, split, cascade, ensemble or route")
+                f.write_str("a target or plan name, or a map with one key: target, split, cascade, ensemble, route, pipeline or switch")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<PlanConfig, E> {
                 Ok(PlanConfig::Target(v.to_owned()))
@@ -403,6 +500,8 @@ impl<'de> Deserialize<'de> for PlanConfig {
                     "cascade" => PlanConfig::Cascade(map.next_value()?),
                     "ensemble" => PlanConfig::Ensemble(map.next_value()?),
                     "route" => PlanConfig::Route(map.next_value()?),
+                    "pipeline" => PlanConfig::Pipeline(map.next_value()?),
+                    "switch" => PlanConfig::Switch(map.next_value()?),
                     other => return Err(de::Error::unknown_variant(other, PLAN_KINDS)),
                 };
                 if let Some(extra) = map.next_key::<String>()? {
@@ -425,16 +524,20 @@ impl JsonSchema for PlanConfig {
         let split = generator.subschema_for::<SplitConfig>();
         let stages = generator.subschema_for::<Vec<StageConfig>>();
         let ensemble = generator.subschema_for::<EnsembleConfig>();
+        let pipeline = generator.subschema_for::<PipelineConfig>();
+        let switch = generator.subschema_for::<SwitchConfig>();
         let one = |key: &str, schema: Schema| json_schema!({ "type": "object", "properties": { key: schema }, "required": [key], "additionalProperties": false });
         json_schema!({
-            "description": "How a request picks a target: a target or plan name, or one of { target }, { split }, { cascade }, { ensemble }, { route }",
+            "description": "How a request picks a target: a target or plan name, or one of { target }, { split }, { cascade }, { ensemble }, { route }, { pipeline }, { switch }",
             "oneOf": [
                 { "type": "string", "description": "A target or plan name" },
                 one("target", json_schema!({ "type": "string" })),
                 one("split", split),
                 one("cascade", stages),
                 one("ensemble", ensemble),
-                one("route", json_schema!({ "type": "string", "description": "Another route, whose plan this one uses" }))
+                one("route", json_schema!({ "type": "string", "description": "Another route, whose plan this one uses" })),
+                one("pipeline", pipeline),
+                one("switch", switch)
             ]
         })
     }

@@ -112,6 +112,101 @@ pub fn header_regex(re: &str) -> Result<regex::bytes::Regex, String> {
     })
 }
 
+/// Where a pipeline mapping reads a tensor from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The client's request.
+    Request,
+    /// The step at this index.
+    Step(usize),
+}
+
+/// A pipeline step's name: 1 to 64 letters, digits, `_` or `-` (a mapping splits
+/// `STEP.TENSOR` at its first `.`), and not `request`.
+pub fn step_name(name: &str) -> Result<(), String> {
+    if name == "request" {
+        return Err(
+            "'request' names the client's request in mappings; call the step something else".into(),
+        );
+    }
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a step name: use 1 to 64 letters, digits, '_' or '-'"
+        ))
+    }
+}
+
+/// Parses a pipeline mapping `request.NAME` or `STEP.NAME` into its source and tensor.
+/// `steps` are the pipeline's step names in order; `reader` is the index of the step that
+/// reads (`None`: the pipeline's `outputs`, which read any step but not the request).
+pub fn mapping<'a>(
+    text: &'a str,
+    steps: &[&str],
+    reader: Option<usize>,
+) -> Result<(Source, &'a str), String> {
+    let Some((from, tensor)) = text
+        .split_once('.')
+        .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+    else {
+        return Err(format!(
+            "'{text}' is not a tensor reference: expected request.TENSOR or STEP.TENSOR"
+        ));
+    };
+    if from == "request" {
+        return match reader {
+            Some(_) => Ok((Source::Request, tensor)),
+            None => Err(format!(
+                "'{text}': the pipeline's outputs come from its steps, not from the request"
+            )),
+        };
+    }
+    let Some(i) = steps.iter().position(|s| *s == from) else {
+        return Err(format!(
+            "'{text}' reads step '{from}', but the pipeline has no such step; its steps: {}",
+            steps.join(", ")
+        ));
+    };
+    match reader {
+        Some(r) if i == r => Err(format!(
+            "'{text}': step '{from}' cannot read its own outputs; read the request or an earlier step"
+        )),
+        Some(r) if i > r => Err(format!(
+            "'{text}' reads step '{from}', which runs after this one (step {} of {}); a step reads the request or earlier steps",
+            i + 1,
+            steps.len()
+        )),
+        _ => Ok((Source::Step(i), tensor)),
+    }
+}
+
+/// A switch case's probability threshold: above 0 and at most 1.
+pub fn below(what: &str, x: f64) -> Result<f64, String> {
+    if x > 0.0 && x <= 1.0 {
+        Ok(x)
+    } else {
+        Err(format!("{what} must be above 0 and at most 1, got {x}"))
+    }
+}
+
+/// A switch case's `argmax` list: indices, none negative, at least one.
+pub fn argmax_classes(classes: &[i64]) -> Result<Box<[usize]>, String> {
+    if classes.is_empty() {
+        return Err("argmax needs at least one class index".into());
+    }
+    classes
+        .iter()
+        .map(|&c| {
+            usize::try_from(c).map_err(|_| format!("argmax class indices start at 0, got {c}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +259,51 @@ mod tests {
             "deadline must be above 0 and at most 600s, got 700s"
         );
         assert!(within("interval", Duration::ZERO, MAX_PERIOD).is_err());
+        let steps = ["features", "classify"];
+        assert_eq!(
+            mapping("request.INPUT__0", &steps, Some(0)),
+            Ok((Source::Request, "INPUT__0"))
+        );
+        assert_eq!(
+            mapping("features.input.1", &steps, Some(1)),
+            Ok((Source::Step(0), "input.1")),
+            "split at the first dot: tensor names may have dots"
+        );
+        assert!(
+            mapping("classify.x", &steps, Some(0))
+                .unwrap_err()
+                .contains("runs after this one (step 2 of 2)")
+        );
+        assert!(
+            mapping("features.x", &steps, Some(0))
+                .unwrap_err()
+                .contains("its own outputs")
+        );
+        assert!(
+            mapping("nope.x", &steps, Some(1))
+                .unwrap_err()
+                .contains("its steps: features, classify")
+        );
+        assert!(
+            mapping("features", &steps, Some(1))
+                .unwrap_err()
+                .contains("expected request.TENSOR")
+        );
+        assert!(
+            mapping("request.x", &steps, None)
+                .unwrap_err()
+                .contains("not from the request")
+        );
+        assert_eq!(
+            mapping("classify.p", &steps, None),
+            Ok((Source::Step(1), "p"))
+        );
+        assert!(
+            step_name("request").is_err() && step_name("a.b").is_err() && step_name("").is_err()
+        );
+        assert!(step_name("pca-1_x").is_ok());
+        assert!(below("margin_below", 0.0).is_err() && below("margin_below", 1.0).is_ok());
+        assert_eq!(argmax_classes(&[3, 8]).as_deref(), Ok(&[3usize, 8][..]));
+        assert!(argmax_classes(&[]).is_err() && argmax_classes(&[-1]).is_err());
     }
 }

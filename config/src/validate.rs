@@ -691,6 +691,155 @@ fn check_plan(
                 at(line, column, format!("{path}.ensemble.member_timeout"), e);
             }
         }
+        PlanConfig::Pipeline(p) => check_pipeline(path, plan, p, targets, at),
+        PlanConfig::Switch(sw) => check_switch(path, plan, sw, targets, at),
+    }
+}
+
+fn check_pipeline(
+    path: &str,
+    plan: &At<PlanConfig>,
+    p: &crate::policy::PipelineConfig,
+    targets: &[&str],
+    at: &mut impl FnMut(u64, u64, String, String),
+) {
+    let (line, column) = (plan.line, plan.column);
+    let path = format!("{path}.pipeline");
+    if p.steps.is_empty() {
+        at(
+            line,
+            column,
+            format!("{path}.steps"),
+            "a pipeline needs at least one step".into(),
+        );
+    }
+    let names: Vec<&str> = p
+        .steps
+        .iter()
+        .map(|s| s.value.name.value.as_str())
+        .collect();
+    for (i, step) in p.steps.iter().enumerate() {
+        let spath = format!("{path}.steps[{i}]");
+        let s = &step.value;
+        if let Err(e) = rules::step_name(&s.name.value) {
+            at(s.name.line, s.name.column, format!("{spath}.name"), e);
+        } else if names[..i].contains(&s.name.value.as_str()) {
+            at(
+                s.name.line,
+                s.name.column,
+                format!("{spath}.name"),
+                format!(
+                    "two steps are named '{}'; step names must be unique",
+                    s.name.value
+                ),
+            );
+        }
+        check_plan(&format!("{spath}.plan"), &s.plan, targets, at);
+        match &s.inputs {
+            None if i > 0 => at(
+                step.line,
+                step.column,
+                format!("{spath}.inputs"),
+                format!(
+                    "step '{}' needs inputs: only the first step may take the client's request as it is (write inputs: {{ NAME: STEP.TENSOR }})",
+                    s.name.value
+                ),
+            ),
+            None => {}
+            Some(inputs) if inputs.is_empty() => at(
+                step.line,
+                step.column,
+                format!("{spath}.inputs"),
+                "inputs is empty: map each input the step's model takes".into(),
+            ),
+            Some(inputs) => {
+                for (name, source) in inputs {
+                    if let Err(e) = rules::mapping(&source.value, &names, Some(i)) {
+                        at(
+                            source.line,
+                            source.column,
+                            format!("{spath}.inputs.{name}"),
+                            e,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    for (name, source) in &p.outputs {
+        if let Err(e) = rules::mapping(&source.value, &names, None) {
+            at(
+                source.line,
+                source.column,
+                format!("{path}.outputs.{name}"),
+                e,
+            );
+        }
+    }
+}
+
+fn check_switch(
+    path: &str,
+    plan: &At<PlanConfig>,
+    sw: &crate::policy::SwitchConfig,
+    targets: &[&str],
+    at: &mut impl FnMut(u64, u64, String, String),
+) {
+    let path = format!("{path}.switch");
+    let on = &sw.on.value.plan;
+    if !targets.contains(&on.value.as_str()) {
+        at(
+            on.line,
+            on.column,
+            format!("{path}.on.plan"),
+            unknown_target(&on.value, targets),
+        );
+    }
+    if sw.cases.is_empty() {
+        at(
+            plan.line,
+            plan.column,
+            format!("{path}.cases"),
+            "a switch needs at least one case".into(),
+        );
+    }
+    for (i, case) in sw.cases.iter().enumerate() {
+        let cpath = format!("{path}.cases[{i}]");
+        let when = &case.value.when;
+        let w = &when.value;
+        let mut problem = |field: &str, e: String| {
+            let path = if field.is_empty() {
+                format!("{cpath}.when")
+            } else {
+                format!("{cpath}.when.{field}")
+            };
+            at(when.line, when.column, path, e)
+        };
+        if w.argmax.is_none() && w.max_probability_below.is_none() && w.margin_below.is_none() {
+            problem(
+                "",
+                "a case needs a condition: argmax, max_probability_below or margin_below".into(),
+            );
+        }
+        if let Some(classes) = &w.argmax
+            && let Err(e) = rules::argmax_classes(classes)
+        {
+            problem("argmax", e);
+        }
+        if let Some(x) = w.max_probability_below
+            && let Err(e) = rules::below("max_probability_below", x)
+        {
+            problem("max_probability_below", e);
+        }
+        if let Some(x) = w.margin_below
+            && let Err(e) = rules::below("margin_below", x)
+        {
+            problem("margin_below", e);
+        }
+        check_plan(&format!("{cpath}.plan"), &case.value.plan, targets, at);
+    }
+    if let Some(d) = &sw.default {
+        check_plan(&format!("{path}.default"), d, targets, at);
     }
 }
 
@@ -702,6 +851,19 @@ pub(crate) fn plan_refs(plan: &PlanConfig, out: &mut Vec<String>) {
         PlanConfig::Cascade(stages) => stages.iter().for_each(|s| plan_refs(&s.plan.value, out)),
         PlanConfig::Ensemble(e) => e.members.iter().for_each(|m| plan_refs(&m.value, out)),
         PlanConfig::Route(_) => {}
+        PlanConfig::Pipeline(p) => p
+            .steps
+            .iter()
+            .for_each(|s| plan_refs(&s.value.plan.value, out)),
+        PlanConfig::Switch(sw) => {
+            out.push(sw.on.value.plan.value.clone());
+            sw.cases
+                .iter()
+                .for_each(|c| plan_refs(&c.value.plan.value, out));
+            if let Some(d) = &sw.default {
+                plan_refs(&d.value, out);
+            }
+        }
     }
 }
 
@@ -711,6 +873,13 @@ pub(crate) fn route_refs(plan: &At<PlanConfig>, out: &mut Vec<(String, u64, u64)
         PlanConfig::Route(r) => out.push((r.clone(), plan.line, plan.column)),
         PlanConfig::Cascade(stages) => stages.iter().for_each(|s| route_refs(&s.plan, out)),
         PlanConfig::Ensemble(e) => e.members.iter().for_each(|m| route_refs(m, out)),
+        PlanConfig::Pipeline(p) => p.steps.iter().for_each(|s| route_refs(&s.value.plan, out)),
+        PlanConfig::Switch(sw) => {
+            sw.cases.iter().for_each(|c| route_refs(&c.value.plan, out));
+            if let Some(d) = &sw.default {
+                route_refs(d, out);
+            }
+        }
         PlanConfig::Target(_) | PlanConfig::Split(_) => {}
     }
 }

@@ -95,6 +95,21 @@ impl GatewayError {
         self
     }
 
+    /// Names where inside a composed plan the error arose (`pipeline 'p' step 's'`),
+    /// keeping its kind, and so its status.
+    pub(crate) fn in_step(mut self, what: &str) -> Self {
+        match &mut self {
+            Self::Upstream { message: m, .. }
+            | Self::BadRequest(m)
+            | Self::NoTarget { detail: m, .. }
+            | Self::UpstreamFailed { reason: m, .. }
+            | Self::ReplyTooLarge { detail: m, .. } => *m = format!("{what}: {m}"),
+            Self::Deadline { detail, .. } => *detail = format!(" in {what}{detail}"),
+            _ => {}
+        }
+        self
+    }
+
     /// The one mapping from errors to statuses.
     pub(crate) fn rescue(&self) -> Rescued {
         let (http, grpc) = match self {

@@ -109,6 +109,8 @@ impl<'a> Executor<'a> {
             label: self.entry.route.target(a.target).label.clone(),
             cascade: None,
             degraded: decision.target != Some(a.target),
+            pipeline: None,
+            switch: None,
         })
     }
 
@@ -185,6 +187,8 @@ impl<'a> Executor<'a> {
                             label,
                             cascade: None,
                             degraded: c.degraded,
+                            pipeline: None,
+                            switch: None,
                         })
                     }
                     Err(e) => {
@@ -196,6 +200,72 @@ impl<'a> Executor<'a> {
                         Err(e.in_route(&route.name))
                     }
                 }
+            }
+            Plan::Pipeline(p) => {
+                let runtime = self
+                    .entry
+                    .pipeline(plan)
+                    .ok_or_else(|| self.internal("pipeline without statistics"))?;
+                let done = strategy::pipeline::pipeline(
+                    p,
+                    plan,
+                    &runtime.name,
+                    self,
+                    self.message,
+                    deadline,
+                    &runtime.stats,
+                )
+                .await
+                .map_err(|e| e.in_route(&route.name))?;
+                Ok(Answer {
+                    label: format!("{}({})", runtime.name, done.labels.join(">")).into(),
+                    ..done.answer
+                })
+            }
+            Plan::Switch(sw) => {
+                let runtime = self
+                    .entry
+                    .switch(plan)
+                    .ok_or_else(|| self.internal("switch without counters"))?;
+                let what = || format!("switch '{}' on '{}'", runtime.name, route.plan_name(sw.on));
+                let first = match self.run(sw.on, deadline).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        runtime.metrics.error.inc();
+                        return Err(e.in_step(&what()).in_route(&route.name));
+                    }
+                };
+                let case = match tensors::decode(&first.response)
+                    .and_then(|(_, ts)| tensors::first_case(&ts, sw.output.as_deref(), &sw.cases))
+                {
+                    Ok(case) => case,
+                    Err(reason) => {
+                        runtime.metrics.error.inc();
+                        return Err(GatewayError::UpstreamFailed {
+                            route: route.name.to_string(),
+                            reason: format!("{}: {reason}", what()),
+                        });
+                    }
+                };
+                let (index, chosen) = match case {
+                    Some(i) => (i, sw.cases[i].plan),
+                    None => (sw.cases.len(), sw.default),
+                };
+                runtime.metrics.cases[index].inc();
+                let answer = if chosen == sw.on {
+                    first
+                } else {
+                    let name = route.plan_name(chosen);
+                    self.run(chosen, deadline).await.map_err(|e| {
+                        e.in_step(&format!("switch '{}' case plan '{name}'", runtime.name))
+                            .in_route(&route.name)
+                    })?
+                };
+                Ok(Answer {
+                    by: AnsweredBy::Plan(plan),
+                    switch: Some((plan, index as u16)),
+                    ..answer
+                })
             }
             Plan::Route(name) => {
                 let answer = self.other_route(name, plan, deadline).await?;
@@ -256,6 +326,18 @@ impl Invoker for Executor<'_> {
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>> {
         Box::pin(self.plan(plan, deadline))
+    }
+
+    fn run_with<'b>(
+        &'b self,
+        plan: PlanId,
+        message: &'b InferMessage,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'b>> {
+        Box::pin(async move {
+            let step = Executor { message, ..*self };
+            step.plan(plan, deadline).await
+        })
     }
 }
 

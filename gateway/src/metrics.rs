@@ -91,6 +91,9 @@ pub struct Metrics {
     shadow_latency_delta: HistogramVec,
     cascade_stages: IntCounterVec,
     ensembles: IntCounterVec,
+    pipeline_steps: IntCounterVec,
+    pipeline_step_seconds: HistogramVec,
+    switches: IntCounterVec,
     cache_requests: IntCounterVec,
     cache_evictions: IntCounterVec,
     cache_bytes: IntGaugeVec,
@@ -305,6 +308,28 @@ impl Metrics {
                 "Ensemble runs by route, plan and result (ok, below_quorum, error)",
                 &["route", "plan", "result"],
             ),
+            pipeline_steps: counter(
+                &r,
+                "switchyard_pipeline_step_total",
+                "Pipeline steps by route, plan, step and outcome (ok, error, deadline: the step timed out or could not fit in the time left)",
+                &["route", "plan", "step", "outcome"],
+            ),
+            pipeline_step_seconds: histogram(
+                &r,
+                "switchyard_pipeline_step_seconds",
+                "Latency of pipeline steps that answered, by route, plan and step",
+                &["route", "plan", "step"],
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ],
+            ),
+            switches: counter(
+                &r,
+                "switchyard_switch_total",
+                "Switch decisions by route, plan and case (1-based case number, default, or error when the first answer could not be read)",
+                &["route", "plan", "case"],
+            ),
             cache_requests: counter(
                 &r,
                 "switchyard_cache_requests_total",
@@ -431,6 +456,36 @@ impl Metrics {
         EnsembleMetrics {
             ok: c("ok"),
             below_quorum: c("below_quorum"),
+            error: c("error"),
+        }
+    }
+
+    pub(crate) fn pipeline(&self, route: &str, plan: &str, steps: &[&str]) -> PipelineMetrics {
+        let c = |step: &str, outcome: &str| {
+            self.pipeline_steps
+                .with_label_values(&[route, plan, step, outcome])
+        };
+        PipelineMetrics {
+            ok: steps.iter().map(|s| c(s, "ok")).collect(),
+            error: steps.iter().map(|s| c(s, "error")).collect(),
+            deadline: steps.iter().map(|s| c(s, "deadline")).collect(),
+            seconds: steps
+                .iter()
+                .map(|s| {
+                    self.pipeline_step_seconds
+                        .with_label_values(&[route, plan, s])
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn switch(&self, route: &str, plan: &str, cases: usize) -> SwitchMetrics {
+        let c = |case: &str| self.switches.with_label_values(&[route, plan, case]);
+        SwitchMetrics {
+            cases: (0..cases)
+                .map(|i| c(&(i + 1).to_string()))
+                .chain(std::iter::once(c("default")))
+                .collect(),
             error: c("error"),
         }
     }
@@ -602,6 +657,22 @@ impl CascadeMetrics {
             failed: make("failed"),
         }
     }
+}
+
+/// Per-step counters and latencies of one pipeline.
+#[derive(Debug, Clone)]
+pub(crate) struct PipelineMetrics {
+    pub(crate) ok: Box<[IntCounter]>,
+    pub(crate) error: Box<[IntCounter]>,
+    pub(crate) deadline: Box<[IntCounter]>,
+    pub(crate) seconds: Box<[Histogram]>,
+}
+
+/// Decisions of one switch: one counter per case, then the default.
+#[derive(Debug, Clone)]
+pub(crate) struct SwitchMetrics {
+    pub(crate) cases: Box<[IntCounter]>,
+    pub(crate) error: IntCounter,
 }
 
 /// Results of one ensemble plan.

@@ -100,11 +100,13 @@ impl Shared {
                 "the reload took longer than {RELOAD_LIMIT:?} to read and compile the policies"
             ))),
         };
-        // Ensemble members whose models' metadata disagree on an output are rejected now
-        // rather than failing every request later.
+        // Ensemble members whose models' metadata disagree on an output, and pipeline or
+        // switch mappings their models' metadata do not fit, are rejected now rather than
+        // failing every request later.
         let checked = match compiled {
             Ok(table) => {
-                let problems = check_ensemble_outputs(&self.upstreams, &table).await;
+                let mut problems = check_ensemble_outputs(&self.upstreams, &table).await;
+                problems.extend(check_pipelines(&self.upstreams, &table).await);
                 if problems.is_empty() {
                     Ok(table)
                 } else {
@@ -272,6 +274,185 @@ async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> 
     problems
 }
 
+/// A target's `ModelMetadata`, or `None` when its backend does not answer in time.
+async fn target_metadata(
+    upstreams: &Upstreams,
+    route: &routing::Route,
+    t: TargetId,
+) -> Option<switchyard_proto::inference::ModelMetadataResponse> {
+    use switchyard_proto::inference::{ModelMetadataRequest, ModelMetadataResponse};
+    let spec = route.target(t);
+    let pool = upstreams.pool(&spec.backend)?;
+    let req = ModelMetadataRequest {
+        name: spec.model.to_string(),
+        version: spec.version.to_string(),
+    };
+    upstreams
+        .control::<_, ModelMetadataResponse>(pool.pick(), MODEL_METADATA, &req, METADATA_BUDGET)
+        .await
+        .ok()
+}
+
+/// Checks every pipeline's mappings and every switch's output against the models'
+/// metadata: a step's inputs must be the inputs its model takes, each read from an output
+/// the earlier step's model gives with the same datatype and a fitting shape, and the
+/// client's outputs must exist. Steps that are not a single target, and targets whose
+/// backend does not answer, are not checked here; at request time a missing tensor is
+/// an error naming the step and the tensor.
+async fn check_pipelines(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Diagnostic> {
+    let mut problems = Vec::new();
+    for route in table.routes() {
+        let file = std::path::Path::new(&*route.file);
+        for (i, plan) in route.plans.iter().enumerate() {
+            let plan_name = route.plan_name(routing::PlanId(i as u16));
+            match plan {
+                Plan::Pipeline(p) => {
+                    let metas = futures_util::future::join_all(p.steps.iter().map(|st| async {
+                        match route.plan(st.plan) {
+                            Plan::Target(t) => target_metadata(upstreams, route, *t)
+                                .await
+                                .map(|m| (route.target(*t).label.clone(), m)),
+                            _ => None,
+                        }
+                    }))
+                    .await;
+                    for text in pipeline_problems(p, &metas) {
+                        problems.push(Diagnostic::new(
+                            file,
+                            text.0,
+                            text.1,
+                            "",
+                            format!(
+                                "route '{}': pipeline '{plan_name}' {} (from the models' metadata)",
+                                route.name, text.2
+                            ),
+                        ));
+                    }
+                }
+                Plan::Switch(sw) => {
+                    let (Some(output), Plan::Target(t)) = (&sw.output, route.plan(sw.on)) else {
+                        continue;
+                    };
+                    let Some(meta) = target_metadata(upstreams, route, *t).await else {
+                        continue;
+                    };
+                    if !meta.outputs.iter().any(|o| *o.name == **output) {
+                        problems.push(Diagnostic::new(
+                            file,
+                            sw.line,
+                            sw.column,
+                            "",
+                            format!(
+                                "route '{}': switch '{plan_name}' reads output '{output}' of {}, which has no such output; its outputs: {} (from the models' metadata)",
+                                route.name,
+                                route.target(*t).label,
+                                names(&meta.outputs)
+                            ),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    problems
+}
+
+fn names(ts: &[TensorMetadata]) -> String {
+    let n: Vec<&str> = ts.iter().map(|t| t.name.as_str()).collect();
+    if n.is_empty() {
+        "none".into()
+    } else {
+        n.join(", ")
+    }
+}
+
+/// What does not fit in a pipeline, as (line, column, message), given each step's model
+/// label and metadata where known.
+fn pipeline_problems(
+    p: &routing::Pipeline,
+    metas: &[Option<(
+        std::sync::Arc<str>,
+        switchyard_proto::inference::ModelMetadataResponse,
+    )>],
+) -> Vec<(u64, u64, String)> {
+    use routing::Source;
+    let mut out = Vec::new();
+    let fits = |a: &TensorMetadata, b: &TensorMetadata| {
+        a.datatype == b.datatype
+            && a.shape.len() == b.shape.len()
+            && a.shape
+                .iter()
+                .zip(&b.shape)
+                .all(|(x, y)| x == y || *x == -1 || *y == -1)
+    };
+    let producer = |j: usize, tensor: &str| -> Result<Option<TensorMetadata>, String> {
+        let Some((label, meta)) = &metas[j] else {
+            return Ok(None);
+        };
+        match meta.outputs.iter().find(|o| o.name == tensor) {
+            Some(o) => Ok(Some(o.clone())),
+            None => Err(format!(
+                "step '{}' ({label}) has no output '{tensor}'; its outputs: {}",
+                p.steps[j].name,
+                names(&meta.outputs)
+            )),
+        }
+    };
+    for (i, step) in p.steps.iter().enumerate() {
+        let (Some(maps), Some((label, meta))) = (&step.inputs, &metas[i]) else {
+            continue;
+        };
+        for m in maps.iter() {
+            let at = |msg: String| {
+                (
+                    m.line,
+                    m.column,
+                    format!("step '{}' input '{}': {msg}", step.name, m.name),
+                )
+            };
+            let Some(input) = meta.inputs.iter().find(|x| *x.name == *m.name) else {
+                out.push(at(format!(
+                    "{label} has no input '{}'; its inputs: {}",
+                    m.name,
+                    names(&meta.inputs)
+                )));
+                continue;
+            };
+            if let Source::Step(j) = m.from {
+                match producer(j, &m.tensor) {
+                    Err(e) => out.push(at(e)),
+                    Ok(Some(o)) if !fits(&o, input) => out.push(at(format!(
+                        "{}.{} is {} {:?} but {label} takes {} {:?}",
+                        p.steps[j].name, m.tensor, o.datatype, o.shape, input.datatype, input.shape
+                    ))),
+                    Ok(_) => {}
+                }
+            }
+        }
+        for input in &meta.inputs {
+            if !maps.iter().any(|m| *m.name == *input.name) {
+                out.push((
+                    step.line,
+                    0,
+                    format!(
+                        "step '{}': {label} takes input '{}' ({} {:?}), which its inputs do not map",
+                        step.name, input.name, input.datatype, input.shape
+                    ),
+                ));
+            }
+        }
+    }
+    for m in p.outputs.iter() {
+        if let Source::Step(j) = m.from
+            && let Err(e) = producer(j, &m.tensor)
+        {
+            out.push((m.line, m.column, format!("output '{}': {e}", m.name)));
+        }
+    }
+    out
+}
+
 /// Outputs two members share by name but not by datatype or shape (`-1` matches any size).
 fn output_clashes(a: &[TensorMetadata], b: &[TensorMetadata]) -> Vec<String> {
     let mut clashes = Vec::new();
@@ -306,6 +487,87 @@ mod tests {
             datatype: datatype.into(),
             shape: shape.to_vec(),
         }
+    }
+
+    #[test]
+    fn pipeline_mappings_are_checked_against_each_steps_metadata() {
+        use crate::routing::{Mapping, Pipeline, PlanId, Source, Step};
+        use switchyard_proto::inference::ModelMetadataResponse;
+        let meta =
+            |inputs: Vec<TensorMetadata>, outputs: Vec<TensorMetadata>| ModelMetadataResponse {
+                inputs,
+                outputs,
+                ..Default::default()
+            };
+        let map = |name: &str, from: Source, tensor: &str, line: u64| Mapping {
+            name: name.into(),
+            from,
+            tensor: tensor.into(),
+            line,
+            column: 1,
+        };
+        let p = Pipeline {
+            steps: vec![
+                Step {
+                    name: "a".into(),
+                    plan: PlanId(0),
+                    inputs: None,
+                    line: 1,
+                },
+                Step {
+                    name: "b".into(),
+                    plan: PlanId(1),
+                    inputs: Some(vec![map("X", Source::Step(0), "features", 5)].into()),
+                    line: 4,
+                },
+            ]
+            .into(),
+            outputs: vec![map("p", Source::Step(1), "probabilities", 9)].into(),
+        };
+        let a = meta(
+            vec![t("IN", "FP32", &[-1, 64])],
+            vec![t("features", "FP32", &[-1, 16])],
+        );
+        let fits = meta(
+            vec![t("X", "FP32", &[-1, 16])],
+            vec![t("probabilities", "FP32", &[-1, 10])],
+        );
+        let known = |b: ModelMetadataResponse| {
+            vec![Some(("a/1".into(), a.clone())), Some(("b/1".into(), b))]
+        };
+        assert!(pipeline_problems(&p, &known(fits)).is_empty());
+        let fp64 = meta(
+            vec![t("X", "FP64", &[-1, 16])],
+            vec![t("probabilities", "FP32", &[-1, 10])],
+        );
+        assert_eq!(
+            pipeline_problems(&p, &known(fp64)),
+            [(
+                5,
+                1,
+                "step 'b' input 'X': a.features is FP32 [-1, 16] but b/1 takes FP64 [-1, 16]"
+                    .to_owned()
+            )]
+        );
+        let other = meta(
+            vec![t("X", "FP32", &[-1, 16]), t("Y", "FP32", &[-1, 2])],
+            vec![t("logits", "FP32", &[-1, 10])],
+        );
+        let problems: Vec<String> = pipeline_problems(&p, &known(other))
+            .into_iter()
+            .map(|p| p.2)
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "step 'b': b/1 takes input 'Y' (FP32 [-1, 2]), which its inputs do not map",
+                "output 'p': step 'b' (b/1) has no output 'probabilities'; its outputs: logits",
+            ]
+        );
+        assert!(
+            pipeline_problems(&p, &[None, None]).is_empty(),
+            "steps whose metadata is unknown are not checked"
+        );
     }
 
     #[test]

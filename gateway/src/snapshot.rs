@@ -11,13 +11,14 @@ use std::sync::atomic::AtomicU32;
 
 use parking_lot::Mutex;
 
-use crate::metrics::{EnsembleMetrics, Metrics, RouteMetrics, TargetMetrics};
+use crate::metrics::{EnsembleMetrics, Metrics, RouteMetrics, SwitchMetrics, TargetMetrics};
 use crate::rollout::Rollout;
 use crate::routing::{
     CacheSpec, CompileError, InvalidRoute, Plan, PlanId, Route, RoutingTable, TargetId,
 };
 use crate::strategy::CascadeStats;
 use crate::strategy::cache::RouteCache;
+use crate::strategy::pipeline::PipelineStats;
 use crate::strategy::shadow::ShadowStats;
 use crate::upstream::{Pool, TargetKey, TargetState, Upstreams};
 
@@ -62,6 +63,29 @@ pub(crate) struct PlanEntry {
     pub(crate) cascade: Option<Arc<CascadeStats>>,
     /// Counters and member names, when the plan is an ensemble.
     pub(crate) ensemble: Option<EnsembleRuntime>,
+    /// Step statistics and the header, when the plan is a pipeline.
+    pub(crate) pipeline: Option<PipelineRuntime>,
+    /// Case counters and headers, when the plan is a switch.
+    pub(crate) switch: Option<SwitchRuntime>,
+}
+
+/// What a pipeline plan needs at run time, built once per snapshot.
+#[derive(Debug)]
+pub(crate) struct PipelineRuntime {
+    pub(crate) name: Arc<str>,
+    pub(crate) stats: PipelineStats,
+    /// `x-switchyard-pipeline`: the step names joined by `>`.
+    pub(crate) header: HeaderValue,
+}
+
+/// What a switch plan needs at run time, built once per snapshot.
+#[derive(Debug)]
+pub(crate) struct SwitchRuntime {
+    pub(crate) name: Arc<str>,
+    pub(crate) metrics: SwitchMetrics,
+    /// `x-switchyard-switch` for each case, then for the default: `case=1; plan=NAME`,
+    /// `default; plan=NAME`.
+    pub(crate) headers: Box<[HeaderValue]>,
 }
 
 /// What an ensemble plan needs at run time, built once per snapshot.
@@ -127,6 +151,16 @@ impl RouteEntry {
     /// The runtime of an ensemble plan.
     pub(crate) fn ensemble(&self, plan: PlanId) -> Option<&EnsembleRuntime> {
         self.plans.get(plan.0 as usize)?.ensemble.as_ref()
+    }
+
+    /// The runtime of a pipeline plan.
+    pub(crate) fn pipeline(&self, plan: PlanId) -> Option<&PipelineRuntime> {
+        self.plans.get(plan.0 as usize)?.pipeline.as_ref()
+    }
+
+    /// The runtime of a switch plan.
+    pub(crate) fn switch(&self, plan: PlanId) -> Option<&SwitchRuntime> {
+        self.plans.get(plan.0 as usize)?.switch.as_ref()
     }
 
     /// Whether the rollout's candidate, when it is a target, has its breaker open.
@@ -224,6 +258,41 @@ impl Snapshot {
                                     .map(|(m, _)| route.plan_name(*m))
                                     .collect(),
                                 counters: metrics.ensemble(&route.name, &name),
+                                name,
+                            });
+                        }
+                        Plan::Pipeline(p) => {
+                            let steps: Vec<&str> = p.steps.iter().map(|s| &*s.name).collect();
+                            entry.pipeline = Some(PipelineRuntime {
+                                stats: PipelineStats::new(metrics.pipeline(
+                                    &route.name,
+                                    &name,
+                                    &steps,
+                                )),
+                                header: header(&steps.join(">")),
+                                name,
+                            });
+                        }
+                        Plan::Switch(sw) => {
+                            let headers = sw
+                                .cases
+                                .iter()
+                                .enumerate()
+                                .map(|(i, c)| {
+                                    header(&format!(
+                                        "case={}; plan={}",
+                                        i + 1,
+                                        route.plan_name(c.plan)
+                                    ))
+                                })
+                                .chain(std::iter::once(header(&format!(
+                                    "default; plan={}",
+                                    route.plan_name(sw.default)
+                                ))))
+                                .collect();
+                            entry.switch = Some(SwitchRuntime {
+                                metrics: metrics.switch(&route.name, &name, sw.cases.len()),
+                                headers,
                                 name,
                             });
                         }

@@ -126,3 +126,40 @@ def test_strategy_routes_with_tritonclient(grpc, http, holdout):
     again = grpc.infer("digits-cached", [ginp]).as_numpy("probabilities")
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(first, ref["digits_mlp/1"], atol=1e-5)
+
+
+def test_pipeline_and_switch_routes_match_the_offline_composition(grpc, http, holdout):
+    """Every held-out row through the sample pipeline and switch routes with the official
+    clients equals the composition computed offline with ONNX Runtime on the same model
+    files (backends/sample_data/digits_holdout.json): the pipeline in batches over gRPC,
+    the switch (which routes a request as a whole) row by row, and both over REST."""
+    x = np.array(holdout["features"], dtype=np.float32)
+    pipeline = np.array(holdout["routes"]["digits-pipeline"]["probabilities"])
+    switch = np.array(holdout["routes"]["digits-switch"]["probabilities"])
+    calls = holdout["routes"]["digits-switch"]["model_calls"]
+    for start in range(0, len(x), 40):
+        batch = x[start : start + 40]
+        inp = grpcclient.InferInput("INPUT__0", list(batch.shape), "FP32")
+        inp.set_data_from_numpy(batch)
+        got = grpc.infer("digits-pipeline", [inp]).as_numpy("probabilities")
+        np.testing.assert_allclose(got, pipeline[start : start + 40], atol=1e-5)
+    for i, row in enumerate(x):
+        inp = grpcclient.InferInput("INPUT__0", [1, 64], "FP32")
+        inp.set_data_from_numpy(row[None, :])
+        result = grpc.infer("digits-switch", [inp])
+        np.testing.assert_allclose(result.as_numpy("probabilities")[0], switch[i], atol=1e-5)
+    for binary in (True, False):
+        hinp = httpclient.InferInput("INPUT__0", [8, 64], "FP32")
+        hinp.set_data_from_numpy(x[:8], binary_data=binary)
+        out = httpclient.InferRequestedOutput("probabilities", binary_data=binary)
+        got = http.infer("digits-pipeline", [hinp], outputs=[out]).as_numpy("probabilities")
+        np.testing.assert_allclose(got, pipeline[:8], atol=1e-5)
+        one = httpclient.InferInput("INPUT__0", [1, 64], "FP32")
+        # A row the switch sends to the specialist.
+        k = calls.index(2)
+        one.set_data_from_numpy(x[k : k + 1], binary_data=binary)
+        result = http.infer("digits-switch", [one], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)])
+        np.testing.assert_allclose(result.as_numpy("probabilities")[0], switch[k], atol=1e-5)
+    meta = grpc.get_model_metadata("digits-pipeline", as_json=True)
+    assert meta["inputs"] == [{"name": "INPUT__0", "datatype": "FP32", "shape": ["-1", "64"]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}]

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-ROUTES = ["digits", "digits-linear", "digits-cascade", "digits-ensemble", "digits-cached"]
+ROUTES = ["digits", "digits-linear", "digits-cascade", "digits-ensemble", "digits-cached", "digits-pipeline", "digits-switch"]
 # The gateway's protocol label for each perf_analyzer protocol.
 PROTOCOLS = {"grpc": "grpc", "http": "rest"}
 # Bounded runs: three stable windows of 500 ms are enough to show the load completes, and

@@ -78,6 +78,10 @@ pub(crate) struct ReplyHeaders {
     pub(crate) shadow: Option<&'static str>,
     /// `x-switchyard-rollout`: the route's rollout step and weight.
     pub(crate) rollout: Option<HeaderValue>,
+    /// `x-switchyard-pipeline`: the steps that ran (`features>classify`).
+    pub(crate) pipeline: Option<HeaderValue>,
+    /// `x-switchyard-switch`: the case a switch took and its plan.
+    pub(crate) switch: Option<HeaderValue>,
     /// `retry-after` (seconds), when the request was shed.
     pub(crate) retry_after: Option<&'static str>,
 }
@@ -91,6 +95,8 @@ impl ReplyHeaders {
             (&POLICY, &self.policy),
             (&CASCADE_STAGE, &self.cascade_stage),
             (&ROLLOUT, &self.rollout),
+            (&PIPELINE, &self.pipeline),
+            (&SWITCH, &self.switch),
         ] {
             if let Some(v) = value {
                 f(name, v.clone());
@@ -148,6 +154,8 @@ mod names {
     pub(super) static CASCADE: Named = named("x-switchyard-cascade");
     pub(super) static SHADOW: Named = named("x-switchyard-shadow");
     pub(super) static ROLLOUT: Named = named("x-switchyard-rollout");
+    pub(super) static PIPELINE: Named = named("x-switchyard-pipeline");
+    pub(super) static SWITCH: Named = named("x-switchyard-switch");
     pub(super) static RETRY_AFTER: Named = named("retry-after");
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use prost::Message;
+use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 use switchyard_proto::inference::{
     ModelConfigRequest, ModelConfigResponse, ModelMetadataRequest, ModelMetadataResponse,
     ModelReadyRequest, ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse,
@@ -311,6 +312,15 @@ fn finish(
                 said.cascade_stage = Some(HeaderValue::from(stage + 1));
                 said.cascade = Some(execute::verdict_label(verdict));
             }
+            if let Some(p) = answer.pipeline {
+                said.pipeline = entry.pipeline(p).map(|r| r.header.clone());
+            }
+            if let Some((p, case)) = answer.switch {
+                said.switch = entry
+                    .switch(p)
+                    .and_then(|r| r.headers.get(usize::from(case)))
+                    .cloned();
+            }
             tracing::debug!(route = %entry.route.name, target = %answer.label, ?decision, "inference");
         }
         Err(failure) => {
@@ -430,7 +440,176 @@ pub(crate) async fn metadata(
     versions.sort_unstable();
     versions.dedup();
     meta.versions = versions.iter().map(u64::to_string).collect();
+    if version.is_empty()
+        && let Some((_, pipeline)) = entry.route.default_pipeline()
+    {
+        let (inputs, outputs) = pipeline_tensors(shared, entry, pipeline).await?;
+        meta.inputs = inputs;
+        meta.outputs = outputs;
+    }
     Ok(meta)
+}
+
+/// Where each tensor a pipeline takes and gives comes from, as `(step, name there, name
+/// for the client)`: the first step's inputs when it takes the request as it is, and each
+/// `request.NAME` a step maps (as the input it feeds); the mapped outputs, or the last
+/// step's. `first_inputs` and `last_outputs` name those steps' own tensors.
+type Picks = Vec<(usize, String, String)>;
+
+fn pipeline_picks(
+    p: &crate::routing::Pipeline,
+    first_inputs: Vec<String>,
+    last_outputs: Vec<String>,
+) -> (Picks, Picks) {
+    use crate::routing::Source;
+    let mut inputs: Picks = match p.steps[0].inputs {
+        None => first_inputs
+            .into_iter()
+            .map(|n| (0, n.clone(), n))
+            .collect(),
+        Some(_) => Vec::new(),
+    };
+    for (i, step) in p.steps.iter().enumerate() {
+        for m in step.inputs.iter().flat_map(|maps| maps.iter()) {
+            if m.from == Source::Request && !inputs.iter().any(|(_, _, n)| *n == *m.tensor) {
+                inputs.push((i, m.name.to_string(), m.tensor.to_string()));
+            }
+        }
+    }
+    let last = p.steps.len() - 1;
+    let outputs = if p.outputs.is_empty() {
+        last_outputs
+            .into_iter()
+            .map(|n| (last, n.clone(), n))
+            .collect()
+    } else {
+        p.outputs
+            .iter()
+            .filter_map(|m| match m.from {
+                Source::Step(j) => Some((j, m.tensor.to_string(), m.name.to_string())),
+                Source::Request => None,
+            })
+            .collect()
+    };
+    (inputs, outputs)
+}
+
+/// Each step's face target's answer to a control call, in step order.
+async fn per_step<Req: Message, Resp: Message + Default>(
+    shared: &Shared,
+    entry: &RouteEntry,
+    p: &crate::routing::Pipeline,
+    path: &'static str,
+    request: impl Fn(&crate::routing::Target) -> Req,
+) -> Result<Vec<Resp>, GatewayError> {
+    let mut out = Vec::with_capacity(p.steps.len());
+    for step in p.steps.iter() {
+        let t = entry.route.face_target(step.plan);
+        let req = request(entry.route.target(t));
+        out.push(control::<_, Resp>(shared, entry, t, path, &req).await?);
+    }
+    Ok(out)
+}
+
+/// Picks tensors from per-step lists by name and renames them for the client.
+fn pick_renamed<T: Clone>(
+    picks: &[(usize, String, String)],
+    lists: &[&[T]],
+    name: impl Fn(&T) -> &str,
+    rename: impl Fn(&T, &str) -> T,
+) -> Vec<T> {
+    picks
+        .iter()
+        .filter_map(|(step, there, client)| {
+            lists[*step]
+                .iter()
+                .find(|t| name(t) == there)
+                .map(|t| rename(t, client))
+        })
+        .collect()
+}
+
+/// The metadata of a pipeline route's tensors, from its steps' models.
+async fn pipeline_tensors(
+    shared: &Shared,
+    entry: &RouteEntry,
+    p: &crate::routing::Pipeline,
+) -> Result<(Vec<TensorMetadata>, Vec<TensorMetadata>), GatewayError> {
+    let metas: Vec<ModelMetadataResponse> =
+        per_step(shared, entry, p, MODEL_METADATA, |t| ModelMetadataRequest {
+            name: t.model.to_string(),
+            version: t.version.to_string(),
+        })
+        .await?;
+    let names = |ts: &[TensorMetadata]| ts.iter().map(|t| t.name.clone()).collect();
+    let (inputs, outputs) = pipeline_picks(
+        p,
+        names(&metas[0].inputs),
+        names(&metas[metas.len() - 1].outputs),
+    );
+    let rename = |t: &TensorMetadata, n: &str| TensorMetadata {
+        name: n.to_owned(),
+        ..t.clone()
+    };
+    let ins: Vec<&[TensorMetadata]> = metas.iter().map(|m| &m.inputs[..]).collect();
+    let outs: Vec<&[TensorMetadata]> = metas.iter().map(|m| &m.outputs[..]).collect();
+    Ok((
+        pick_renamed(&inputs, &ins, |t| &t.name, rename),
+        pick_renamed(&outputs, &outs, |t| &t.name, rename),
+    ))
+}
+
+/// A pipeline route's config: its first step's, with the pipeline's inputs and outputs
+/// (perf_analyzer checks that the config's tensors are the metadata's).
+async fn pipeline_config(
+    shared: &Shared,
+    entry: &RouteEntry,
+    p: &crate::routing::Pipeline,
+    config: &mut switchyard_proto::inference::ModelConfig,
+) -> Result<(), GatewayError> {
+    use switchyard_proto::inference::{ModelInput, ModelOutput};
+    let configs: Vec<ModelConfigResponse> =
+        per_step(shared, entry, p, MODEL_CONFIG, |t| ModelConfigRequest {
+            name: t.model.to_string(),
+            version: t.version.to_string(),
+        })
+        .await?;
+    let of = |c: &ModelConfigResponse| c.config.clone().unwrap_or_default();
+    let steps: Vec<_> = configs.iter().map(of).collect();
+    let (inputs, outputs) = pipeline_picks(
+        p,
+        steps[0].input.iter().map(|t| t.name.clone()).collect(),
+        steps[steps.len() - 1]
+            .output
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
+    );
+    let ins: Vec<&[ModelInput]> = steps.iter().map(|c| &c.input[..]).collect();
+    let outs: Vec<&[ModelOutput]> = steps.iter().map(|c| &c.output[..]).collect();
+    config.input = pick_renamed(
+        &inputs,
+        &ins,
+        |t| &t.name,
+        |t, n| ModelInput {
+            name: n.to_owned(),
+            ..t.clone()
+        },
+    );
+    config.output = pick_renamed(
+        &outputs,
+        &outs,
+        |t| &t.name,
+        |t, n| ModelOutput {
+            name: n.to_owned(),
+            ..t.clone()
+        },
+    );
+    // The route batches as far as every step does.
+    if let Some(smallest) = steps.iter().map(|c| c.max_batch_size).min() {
+        config.max_batch_size = smallest;
+    }
+    Ok(())
 }
 
 /// The route's model config: its face target's, under the route's name. A route with a
@@ -453,6 +632,12 @@ pub(crate) async fn config(
         version: spec.version.to_string(),
     };
     let mut resp: ModelConfigResponse = control(shared, entry, t, MODEL_CONFIG, &req).await?;
+    if version.is_empty()
+        && let (Some((_, pipeline)), Some(c)) =
+            (entry.route.default_pipeline(), resp.config.as_mut())
+    {
+        pipeline_config(shared, entry, pipeline, c).await?;
+    }
     if let Some(c) = resp.config.as_mut() {
         c.name = entry.route.name.to_string();
         if entry.cache.is_some() {

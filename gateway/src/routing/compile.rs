@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::HeaderName;
-use switchyard_config::policy::{HeaderMatchConfig, PlanConfig};
+use switchyard_config::At;
+use switchyard_config::policy::{HeaderMatchConfig, PipelineConfig, PlanConfig, SwitchConfig};
 use switchyard_config::{GatewayConfig, LoadedPolicy, PolicySet, rules};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::rollout::{Gates, RolloutSpec};
 use super::{
-    Accept, CacheSpec, Ensemble, HeaderMatcher, Plan, PlanId, RetryPolicy, Route, RoutingTable,
-    Rule, Shadow, Split, Stage, Target, TargetId,
+    Accept, CacheSpec, Case, Ensemble, HeaderMatcher, Mapping, Pipeline, Plan, PlanId, RetryPolicy,
+    Route, RoutingTable, Rule, Shadow, Source, Split, Stage, Step, Switch, Target, TargetId, When,
 };
 
 /// Loads and compiles policies as a reload would, for `switchyard check` and `explain`.
@@ -173,8 +174,137 @@ impl<'a> Arena<'a> {
                 })
             }
             PlanConfig::Route(r) => Plan::Route(r.as_str().into()),
+            PlanConfig::Pipeline(p) => self.pipeline(p)?,
+            PlanConfig::Switch(sw) => self.switch(sw)?,
         };
         Ok(self.push(plan))
+    }
+
+    fn pipeline(&mut self, p: &PipelineConfig) -> Result<Plan, CompileError> {
+        if p.steps.is_empty() {
+            return Err(invalid("pipeline.steps")(
+                "a pipeline needs at least one step".into(),
+            ));
+        }
+        let names: Vec<&str> = p
+            .steps
+            .iter()
+            .map(|s| s.value.name.value.as_str())
+            .collect();
+        let mapping = |name: &str, source: &At<String>, reader: Option<usize>, field: String| {
+            let (from, tensor) =
+                rules::mapping(&source.value, &names, reader).map_err(invalid(field))?;
+            Ok::<_, CompileError>(Mapping {
+                name: name.into(),
+                from,
+                tensor: tensor.into(),
+                line: source.line,
+                column: source.column,
+            })
+        };
+        let mut steps = Vec::with_capacity(p.steps.len());
+        for (i, st) in p.steps.iter().enumerate() {
+            let s = &st.value;
+            rules::step_name(&s.name.value)
+                .map_err(invalid(format!("pipeline.steps[{i}].name")))?;
+            if names[..i].contains(&s.name.value.as_str()) {
+                return Err(invalid(format!("pipeline.steps[{i}].name"))(format!(
+                    "two steps are named '{}'",
+                    s.name.value
+                )));
+            }
+            let inputs = match &s.inputs {
+                None if i > 0 => {
+                    return Err(invalid(format!("pipeline.steps[{i}].inputs"))(
+                        "only the first step may take the client's request as it is".into(),
+                    ));
+                }
+                None => None,
+                Some(m) if m.is_empty() => {
+                    return Err(invalid(format!("pipeline.steps[{i}].inputs"))(
+                        "inputs is empty".into(),
+                    ));
+                }
+                Some(m) => Some(
+                    m.iter()
+                        .map(|(name, src)| {
+                            mapping(
+                                name,
+                                src,
+                                Some(i),
+                                format!("pipeline.steps[{i}].inputs.{name}"),
+                            )
+                        })
+                        .collect::<Result<Box<[_]>, _>>()?,
+                ),
+            };
+            steps.push(Step {
+                name: s.name.value.as_str().into(),
+                plan: self.compile(&s.plan.value)?,
+                inputs,
+                line: st.line,
+            });
+        }
+        let outputs = p
+            .outputs
+            .iter()
+            .map(|(name, src)| mapping(name, src, None, format!("pipeline.outputs.{name}")))
+            .collect::<Result<Box<[_]>, _>>()?;
+        Ok(Plan::Pipeline(Pipeline {
+            steps: steps.into(),
+            outputs,
+        }))
+    }
+
+    fn switch(&mut self, sw: &SwitchConfig) -> Result<Plan, CompileError> {
+        let on = self.named(&sw.on.value.plan.value)?;
+        if sw.cases.is_empty() {
+            return Err(invalid("switch.cases")(
+                "a switch needs at least one case".into(),
+            ));
+        }
+        let mut cases = Vec::with_capacity(sw.cases.len());
+        for (i, c) in sw.cases.iter().enumerate() {
+            let w = &c.value.when.value;
+            let field = |f: &str| format!("switch.cases[{i}].when.{f}");
+            let when = When {
+                argmax: w
+                    .argmax
+                    .as_deref()
+                    .map(rules::argmax_classes)
+                    .transpose()
+                    .map_err(invalid(field("argmax")))?,
+                max_probability_below: w
+                    .max_probability_below
+                    .map(|x| rules::below("max_probability_below", x))
+                    .transpose()
+                    .map_err(invalid(field("max_probability_below")))?,
+                margin_below: w
+                    .margin_below
+                    .map(|x| rules::below("margin_below", x))
+                    .transpose()
+                    .map_err(invalid(field("margin_below")))?,
+            };
+            if when == When::default() {
+                return Err(invalid(field(""))("a case needs a condition".into()));
+            }
+            cases.push(Case {
+                when,
+                plan: self.compile(&c.value.plan.value)?,
+            });
+        }
+        let default = match &sw.default {
+            Some(d) => self.compile(&d.value)?,
+            None => on,
+        };
+        Ok(Plan::Switch(Switch {
+            on,
+            output: sw.on.value.output.as_deref().map(Into::into),
+            cases: cases.into(),
+            default,
+            line: sw.on.value.plan.line,
+            column: sw.on.value.plan.column,
+        }))
     }
 }
 
@@ -504,6 +634,8 @@ fn plan_names(
         Plan::Cascade(_) => "cascade",
         Plan::Ensemble(_) => "ensemble",
         Plan::Route(_) => "route",
+        Plan::Pipeline(_) => "pipeline",
+        Plan::Switch(_) => "switch",
     };
     let unnamed =
         |i: usize| !named.contains_key(&(i as u16)) && !matches!(plans[i], Plan::Target(_));
@@ -609,6 +741,40 @@ fn hash_plan(
                 hash_plan(route, *m, routes, h, depth + 1);
                 put(h, &w.to_le_bytes());
             }
+        }
+        Plan::Pipeline(p) => {
+            put(h, b"pipeline");
+            let mapping = |h: &mut Xxh3, m: &Mapping| {
+                put(h, m.name.as_bytes());
+                match m.from {
+                    Source::Request => put(h, b"request"),
+                    Source::Step(i) => put(h, &(i as u64).to_le_bytes()),
+                }
+                put(h, m.tensor.as_bytes());
+            };
+            for st in p.steps.iter() {
+                hash_plan(route, st.plan, routes, h, depth + 1);
+                match &st.inputs {
+                    None => put(h, b"as-is"),
+                    Some(inputs) => {
+                        put(h, &(inputs.len() as u64).to_le_bytes());
+                        inputs.iter().for_each(|m| mapping(h, m));
+                    }
+                }
+            }
+            put(h, b"outputs");
+            p.outputs.iter().for_each(|m| mapping(h, m));
+        }
+        Plan::Switch(sw) => {
+            put(h, b"switch");
+            hash_plan(route, sw.on, routes, h, depth + 1);
+            put(h, sw.output.as_deref().unwrap_or("").as_bytes());
+            for c in sw.cases.iter() {
+                put(h, format!("{:?}", c.when).as_bytes());
+                hash_plan(route, c.plan, routes, h, depth + 1);
+            }
+            put(h, b"default");
+            hash_plan(route, sw.default, routes, h, depth + 1);
         }
         Plan::Route(name) => {
             put(h, b"route");

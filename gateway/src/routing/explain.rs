@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use http::HeaderMap;
 
-use super::{Accept, Combine, Draw, Plan, PlanId, Reason, Route, Split};
+use super::{Accept, Combine, Draw, Mapping, Plan, PlanId, Reason, Route, Source, Split};
 
 /// Explains the decision for a request to `route` with `headers` and `model_version`.
 pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> String {
@@ -172,6 +172,78 @@ fn describe_plan(out: &mut String, route: &Route, plan: PlanId, depth: usize) {
             for (m, w) in e.members.iter() {
                 let _ = writeln!(out, "{pad}  member {} (weight {w})", route.plan_name(*m));
                 describe_plan(out, route, *m, depth + 2);
+            }
+        }
+        Plan::Pipeline(p) => {
+            let _ = writeln!(out, "{pad}pipeline of {} steps:", p.steps.len());
+            let source = |m: &Mapping| match m.from {
+                Source::Request => format!("request.{}", m.tensor),
+                Source::Step(i) => format!("{}.{}", p.steps[i].name, m.tensor),
+            };
+            let list = |maps: &[Mapping]| {
+                maps.iter()
+                    .map(|m| format!("{} <- {}", m.name, source(m)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            for (i, st) in p.steps.iter().enumerate() {
+                let inputs = match &st.inputs {
+                    None => "the client's request as it is".to_owned(),
+                    Some(maps) => list(maps),
+                };
+                let _ = writeln!(
+                    out,
+                    "{pad}  step {} '{}' ({}): {inputs}",
+                    i + 1,
+                    st.name,
+                    route.plan_name(st.plan)
+                );
+                describe_plan(out, route, st.plan, depth + 2);
+            }
+            let outputs = if p.outputs.is_empty() {
+                "the last step's answer".to_owned()
+            } else {
+                list(&p.outputs)
+            };
+            let _ = writeln!(out, "{pad}  answer: {outputs}");
+        }
+        Plan::Switch(sw) => {
+            let _ = writeln!(
+                out,
+                "{pad}switch on the answer of {} ({}):",
+                route.plan_name(sw.on),
+                sw.output.as_deref().unwrap_or("its first output")
+            );
+            describe_plan(out, route, sw.on, depth + 2);
+            for (i, c) in sw.cases.iter().enumerate() {
+                let mut conds = Vec::new();
+                if let Some(classes) = &c.when.argmax {
+                    conds.push(format!("top class in {classes:?}"));
+                }
+                if let Some(x) = c.when.max_probability_below {
+                    conds.push(format!("top value < {x}"));
+                }
+                if let Some(x) = c.when.margin_below {
+                    conds.push(format!("top-two margin < {x}"));
+                }
+                let _ = writeln!(
+                    out,
+                    "{pad}  case {} (every row: {}): {}",
+                    i + 1,
+                    conds.join(" and "),
+                    route.plan_name(c.plan)
+                );
+                describe_plan(out, route, c.plan, depth + 2);
+            }
+            if sw.default == sw.on {
+                let _ = writeln!(
+                    out,
+                    "{pad}  otherwise: the answer of {}",
+                    route.plan_name(sw.on)
+                );
+            } else {
+                let _ = writeln!(out, "{pad}  otherwise: {}", route.plan_name(sw.default));
+                describe_plan(out, route, sw.default, depth + 2);
             }
         }
         Plan::Route(r) => {

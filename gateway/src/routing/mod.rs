@@ -82,6 +82,84 @@ pub struct Ensemble {
     pub member_timeout: Option<Duration>,
 }
 
+/// Where a pipeline mapping reads its tensor.
+pub use switchyard_config::rules::Source;
+
+/// A tensor of a pipeline step's request or of its answer, read from the client's request
+/// or an earlier step's answer.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// The tensor it becomes: the step's input, or the client's output.
+    pub name: Arc<str>,
+    /// Where it is read.
+    pub from: Source,
+    /// The tensor there.
+    pub tensor: Arc<str>,
+    /// The mapping's position in the policy file (for the load-time metadata check).
+    pub line: u64,
+    /// Its column.
+    pub column: u64,
+}
+
+/// One pipeline step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The step's name.
+    pub name: Arc<str>,
+    /// What runs.
+    pub plan: PlanId,
+    /// Its request's tensors; `None`: the client's request as it is.
+    pub inputs: Option<Box<[Mapping]>>,
+    /// The step's position in the policy file.
+    pub line: u64,
+}
+
+/// A pipeline: steps in order, each fed the request or earlier steps' outputs.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The steps.
+    pub steps: Box<[Step]>,
+    /// The client's outputs; empty: the last step's answer as it is.
+    pub outputs: Box<[Mapping]>,
+}
+
+/// A switch case's condition on every row of an output.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct When {
+    /// The row's top class is one of these.
+    pub argmax: Option<Box<[usize]>>,
+    /// The row's highest value is below this.
+    pub max_probability_below: Option<f64>,
+    /// The row's top-two margin is below this.
+    pub margin_below: Option<f64>,
+}
+
+/// One switch case.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// Its condition.
+    pub when: When,
+    /// The plan that answers when it holds.
+    pub plan: PlanId,
+}
+
+/// A switch: `on`'s answer picks the plan that answers.
+#[derive(Debug, Clone)]
+pub struct Switch {
+    /// The plan that runs first.
+    pub on: PlanId,
+    /// The output the cases read (`None`: the first).
+    pub output: Option<Arc<str>>,
+    /// Cases in order.
+    pub cases: Box<[Case]>,
+    /// The plan when no case holds (`on` itself when the policy names none: its answer).
+    pub default: PlanId,
+    /// The position of `on` in the policy file.
+    pub line: u64,
+    /// Its column.
+    pub column: u64,
+}
+
 /// How a plan picks a target, or combines several.
 #[derive(Debug, Clone)]
 pub enum Plan {
@@ -95,6 +173,10 @@ pub enum Plan {
     Ensemble(Ensemble),
     /// Another route's decision.
     Route(Arc<str>),
+    /// Steps in order, outputs feeding inputs.
+    Pipeline(Pipeline),
+    /// A first answer picks the plan that answers.
+    Switch(Switch),
 }
 
 /// A header rule.
@@ -339,19 +421,52 @@ impl Route {
     }
 
     /// A target that represents the route (metadata, config): the default plan's first
-    /// target, following splits, cascades (their last, largest stage) and ensembles.
+    /// target, following splits, cascades (their last, largest stage), ensembles, pipelines
+    /// (their first step) and switches (the plan they look at).
     pub fn default_target(&self) -> TargetId {
-        let mut plan = self.default;
+        self.face_target(self.default)
+    }
+
+    /// The target that represents `plan`, as [`Route::default_target`] follows it.
+    pub fn face_target(&self, plan: PlanId) -> TargetId {
+        let mut plan = plan;
         for _ in 0..self.plans.len() {
             plan = match self.plan(plan) {
                 Plan::Target(t) => return *t,
-                Plan::Split(s) => s.members()[0].0,
-                Plan::Cascade(stages) => stages[stages.len() - 1].plan,
-                Plan::Ensemble(e) => e.members[0].0,
-                Plan::Route(_) => break,
+                other => match self.face_step(other) {
+                    Some(next) => next,
+                    None => break,
+                },
             };
         }
         TargetId(0)
+    }
+
+    /// The pipeline whose tensors the route's default plan takes and gives, if it reaches
+    /// one before a target (following splits, cascades, ensembles and switches as
+    /// [`Route::default_target`] does).
+    pub fn default_pipeline(&self) -> Option<(PlanId, &Pipeline)> {
+        let mut plan = self.default;
+        for _ in 0..self.plans.len() {
+            match self.plan(plan) {
+                Plan::Pipeline(p) => return Some((plan, p)),
+                Plan::Target(_) => return None,
+                other => plan = self.face_step(other)?,
+            }
+        }
+        None
+    }
+
+    /// The plan a composed plan's face follows.
+    fn face_step(&self, plan: &Plan) -> Option<PlanId> {
+        match plan {
+            Plan::Split(s) => Some(s.members()[0].0),
+            Plan::Cascade(stages) => Some(stages[stages.len() - 1].plan),
+            Plan::Ensemble(e) => Some(e.members[0].0),
+            Plan::Switch(s) => Some(s.on),
+            Plan::Pipeline(p) => Some(p.steps[0].plan),
+            Plan::Target(_) | Plan::Route(_) => None,
+        }
     }
 
     /// Targets to try in order for a decision that chose a target: it, then the fallback

@@ -315,6 +315,8 @@ mod tests {
             label: "m/1".into(),
             cascade: None,
             degraded: false,
+            pipeline: None,
+            switch: None,
         }
     }
 
@@ -439,6 +441,8 @@ mod tests {
     fn degraded(n: usize) -> Answer {
         Answer {
             degraded: true,
+            pipeline: None,
+            switch: None,
             ..answer(n)
         }
     }

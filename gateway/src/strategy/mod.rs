@@ -5,6 +5,7 @@
 //! sockets and under paused time. None of this code knows pingora or HTTP.
 
 pub(crate) mod cache;
+pub(crate) mod pipeline;
 pub(crate) mod shadow;
 pub(crate) mod tensors;
 
@@ -37,6 +38,11 @@ pub(crate) struct Answer {
     /// cascade answered with its best so far, an ensemble without a failed member. Such an
     /// answer is returned but never cached.
     pub(crate) degraded: bool,
+    /// The pipeline that composed the answer, when one did (`x-switchyard-pipeline`).
+    pub(crate) pipeline: Option<PlanId>,
+    /// The switch that chose the plan that answered and the case it took (`cases.len()`
+    /// for its default), when one did (`x-switchyard-switch`).
+    pub(crate) switch: Option<(PlanId, u16)>,
 }
 
 /// Who answered, by identity within the request's route.
@@ -50,11 +56,20 @@ pub(crate) enum AnsweredBy {
 
 /// Runs a plan of the current route to completion.
 pub(crate) trait Invoker: Send + Sync {
+    /// Runs `plan` on the client's request.
     fn run(
         &self,
         plan: PlanId,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>>;
+
+    /// Runs `plan` on another request (a pipeline step's).
+    fn run_with<'a>(
+        &'a self,
+        plan: PlanId,
+        message: &'a switchyard_proto::wire::InferMessage,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'a>>;
 }
 
 /// Why a cascade answered from the stage it did.
@@ -356,6 +371,8 @@ pub(crate) mod tests {
                         label: format!("m/{}", plan.0).into(),
                         cascade: None,
                         degraded: false,
+                        pipeline: None,
+                        switch: None,
                     }),
                     Err(e) => Err(GatewayError::Upstream {
                         code: 14,
@@ -363,6 +380,15 @@ pub(crate) mod tests {
                     }),
                 }
             })
+        }
+
+        fn run_with<'a>(
+            &'a self,
+            plan: PlanId,
+            _: &'a switchyard_proto::wire::InferMessage,
+            deadline: Instant,
+        ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'a>> {
+            self.run(plan, deadline)
         }
     }
 

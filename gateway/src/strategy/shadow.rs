@@ -162,6 +162,8 @@ mod tests {
             label: "m/1".into(),
             cascade: None,
             degraded: false,
+            pipeline: None,
+            switch: None,
         }
     }
 

@@ -6,7 +6,7 @@ use prost::Message;
 use switchyard_proto::ElementType;
 use switchyard_proto::inference::{ModelInferResponse, model_infer_response::InferOutputTensor};
 
-use crate::routing::{Accept, Combine};
+use crate::routing::{Accept, Case, Combine, When};
 
 /// One output tensor with its values widened to f64.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +161,30 @@ pub(crate) fn argmax(row: &[f64]) -> usize {
             if v > best.1 { (i, v) } else { best }
         })
         .0
+}
+
+/// The first switch case whose condition every row of the output meets, if any.
+pub(crate) fn first_case(
+    tensors: &[Tensor],
+    output: Option<&str>,
+    cases: &[Case],
+) -> Result<Option<usize>, String> {
+    let t = pick(tensors, output)?;
+    let (rows, cols) = t.rows();
+    if cols == 0 || t.values.is_empty() {
+        return Err(format!("output '{}' is empty", t.name));
+    }
+    let meets = |when: &When, row: &[f64]| {
+        let (top, second) = top_two(row);
+        when.argmax
+            .as_ref()
+            .is_none_or(|classes| classes.contains(&argmax(row)))
+            && when.max_probability_below.is_none_or(|x| top < x)
+            && when.margin_below.is_none_or(|x| top - second < x)
+    };
+    Ok(cases
+        .iter()
+        .position(|c| (0..rows).all(|i| meets(&c.when, t.row(i)))))
 }
 
 /// A cascade stage's confidence: the lowest over rows of the test's statistic, and
