@@ -128,3 +128,74 @@ fn parse(text: &str) -> (u64, u64) {
     }
     (total, allocations)
 }
+
+/// Instructions and allocations per request of each of `routes` (held-out rows, batch 1,
+/// concurrency 1, 200 uncounted warm-up calls each) in one `switchyard gateway --config
+/// config` under callgrind; prints a table and keeps each profile under `target/loadgen/`
+/// as `callgrind.out.<tag>-<route>`. `None` when valgrind is not installed.
+pub(crate) fn per_route(
+    n: usize,
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    config: &str,
+    routes: &[&str],
+    tag: &str,
+    note: &str,
+) -> Option<Vec<f64>> {
+    if !available() {
+        println!("\n(valgrind not found: no instruction counts)");
+        return None;
+    }
+    let out = dir.join("callgrind");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut argv = command(&out);
+    argv.extend([
+        env!("CARGO_BIN_EXE_switchyard").into(),
+        "gateway".into(),
+        "--config".into(),
+        config.into(),
+    ]);
+    let gateway = super::Server::start_program(&argv);
+    let (addr, pid) = (gateway.addr("grpc"), gateway.child.id());
+    let run = |route: &str, count: usize| {
+        let requests = super::holdout_requests(route);
+        runtime.block_on(async {
+            let mut client = super::client(addr).await;
+            for i in 0..count {
+                client
+                    .model_infer(requests[i % requests.len()].clone())
+                    .await
+                    .expect("infer");
+            }
+        })
+    };
+    println!(
+        "\ninstructions per request under callgrind, one gateway, {n} requests per route at concurrency 1 ({note}):\n\n| route | instructions / request | allocations / request | profile |\n| --- | --- | --- | --- |"
+    );
+    let mut counts = Vec::new();
+    for route in routes {
+        run(route, 200);
+        instrument_on(pid);
+        run(route, n);
+        let count = dump(pid, &out);
+        // The next route's warm-up is not counted.
+        instrument_off(pid);
+        // Kept for `callgrind_annotate`; moved out so the next dump is the only one here.
+        let keep = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/loadgen")
+            .join(format!("callgrind.out.{tag}-{route}"));
+        let _ = std::fs::create_dir_all(keep.parent().unwrap());
+        let _ = std::fs::copy(&count.file, &keep);
+        let _ = std::fs::remove_file(&count.file);
+        println!(
+            "| {route} | {:.0} | {:.1} | {} |",
+            count.instructions as f64 / n as f64,
+            count.allocations as f64 / n as f64,
+            keep.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                .unwrap_or(&keep)
+                .display()
+        );
+        counts.push(count.instructions as f64 / n as f64);
+    }
+    Some(counts)
+}

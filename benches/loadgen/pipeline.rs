@@ -7,13 +7,14 @@
 //! computes for the same rows), the pipeline through the gateway, and the single-target
 //! route through the gateway. Per step overhead = (pipeline latency − the sum of the two
 //! direct latencies) / 2, at the median and at the mean, beside the gateway's overhead on
-//! a single target (its latency − digits_pca's direct latency).
+//! a single target (its latency − digits_pca's direct latency). With `--callgrind N`, the
+//! gateway's instructions per request of both routes under callgrind.
 
 use std::path::Path;
 
 use switchyard_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
 
-use super::{Args, Report, Server, client, closed_loop, holdout_requests};
+use super::{Args, Report, Server, callgrind, client, closed_loop, holdout_requests};
 
 /// The held-out rows as requests to one model version on a backend.
 fn direct(model: &str) -> Vec<ModelInferRequest> {
@@ -51,11 +52,8 @@ pub(super) fn run(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
         ),
     )
     .unwrap();
-    let gateway = Server::start(&[
-        "gateway",
-        "--config",
-        dir.path().join("gateway.yaml").to_str().unwrap(),
-    ]);
+    let config = dir.path().join("gateway.yaml").to_str().unwrap().to_owned();
+    let gateway = Server::start(&["gateway", "--config", &config]);
     let grpc = gateway.addr("grpc");
 
     // The second step's direct requests: the features digits_pca gives for each row.
@@ -131,5 +129,24 @@ pub(super) fn run(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
     );
     for r in rows {
         println!("{r}");
+    }
+    drop(gateway);
+    if args.callgrind > 0
+        && let Some(counts) = callgrind::per_route(
+            args.callgrind,
+            runtime,
+            dir.path(),
+            &config,
+            &["pca", "digits-pipeline"],
+            "pipeline",
+            "a single-target route and the two-step pipeline",
+        )
+    {
+        println!(
+            "\ngateway instructions per pipeline step: {:.0} ({:.2} of the single-target route's {:.0} per request)",
+            counts[1] / 2.0,
+            counts[1] / 2.0 / counts[0],
+            counts[0]
+        );
     }
 }

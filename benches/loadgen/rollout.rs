@@ -145,62 +145,17 @@ pub(crate) fn run(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
 
 /// Instructions per request of each route, in one gateway under callgrind.
 fn instructions(args: &Args, runtime: &tokio::runtime::Runtime, dir: &Path, config: &str) {
-    if !callgrind::available() {
-        println!("\n(valgrind not found: no instruction counts)");
+    let Some(counts) = callgrind::per_route(
+        args.callgrind,
+        runtime,
+        dir,
+        config,
+        &["plain", "ramping"],
+        "rollout",
+        "the rollout controller's ticks included in both",
+    ) else {
         return;
-    }
-    let out = dir.join("callgrind");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut argv = callgrind::command(&out);
-    argv.extend([
-        env!("CARGO_BIN_EXE_switchyard").into(),
-        "gateway".into(),
-        "--config".into(),
-        config.into(),
-    ]);
-    let gateway = Server::start_program(&argv);
-    let (addr, pid) = (gateway.addr("grpc"), gateway.child.id());
-    let n = args.callgrind;
-    let run = |route: &str, count: usize| {
-        let requests = holdout_requests(route);
-        runtime.block_on(async {
-            let mut client = client(addr).await;
-            for i in 0..count {
-                client
-                    .model_infer(requests[i % requests.len()].clone())
-                    .await
-                    .expect("infer");
-            }
-        })
     };
-    println!(
-        "\ninstructions per request under callgrind, one gateway, {n} requests per route at concurrency 1 (the rollout controller's ticks included in both):\n\n| route | instructions / request | allocations / request | profile |\n| --- | --- | --- | --- |"
-    );
-    let mut counts = Vec::new();
-    for route in ["plain", "ramping"] {
-        run(route, 200);
-        callgrind::instrument_on(pid);
-        run(route, n);
-        let count = callgrind::dump(pid, &out);
-        // The next route's warm-up is not counted.
-        callgrind::instrument_off(pid);
-        // Kept for `callgrind_annotate`; moved out so the next dump is the only one here.
-        let keep = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("target/loadgen")
-            .join(format!("callgrind.out.rollout-{route}"));
-        let _ = std::fs::create_dir_all(keep.parent().unwrap());
-        let _ = std::fs::copy(&count.file, &keep);
-        let _ = std::fs::remove_file(&count.file);
-        println!(
-            "| {route} | {:.0} | {:.1} | {} |",
-            count.instructions as f64 / n as f64,
-            count.allocations as f64 / n as f64,
-            keep.strip_prefix(env!("CARGO_MANIFEST_DIR"))
-                .unwrap_or(&keep)
-                .display()
-        );
-        counts.push(count.instructions as f64 / n as f64);
-    }
     println!(
         "\nunder rollout / without: {:.3} instructions per request (+{:.0})",
         counts[1] / counts[0],

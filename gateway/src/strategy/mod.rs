@@ -1,6 +1,7 @@
-//! The multi-model strategies: cascades, ensembles, shadow traffic and the response cache.
+//! The multi-model strategies: cascades, ensembles, pipelines, shadow traffic and the
+//! response cache (a switch, a first answer choosing the next plan, runs in `execute.rs`).
 //!
-//! Cascades and ensembles run plans through an [`Invoker`], which the gateway implements
+//! Cascades, ensembles and pipelines run plans through an [`Invoker`], which the gateway implements
 //! over its upstreams (`execute.rs`) and tests fake, so every rule here is tested without
 //! sockets and under paused time. None of this code knows pingora or HTTP.
 
