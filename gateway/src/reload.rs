@@ -215,7 +215,7 @@ const METADATA_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 /// dimension matches any). Members whose backend does not answer are not checked here;
 /// combining their outputs fails at request time with the same description instead.
 async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Diagnostic> {
-    use switchyard_proto::inference::{ModelMetadataRequest, ModelMetadataResponse};
+    use switchyard_proto::inference::ModelMetadataResponse;
     let mut problems = Vec::new();
     for route in table.routes() {
         for (i, plan) in route.plans.iter().enumerate() {
@@ -229,22 +229,7 @@ async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> 
                 })
                 .collect();
             let fetches = members.iter().map(|&t| async move {
-                let spec = route.target(t);
-                let pool = upstreams.pool(&spec.backend)?;
-                let req = ModelMetadataRequest {
-                    name: spec.model.to_string(),
-                    version: spec.version.to_string(),
-                };
-                upstreams
-                    .control::<_, ModelMetadataResponse>(
-                        pool.pick(),
-                        MODEL_METADATA,
-                        &req,
-                        METADATA_BUDGET,
-                    )
-                    .await
-                    .ok()
-                    .map(|m| (t, m))
+                target_metadata(upstreams, route, t).await.map(|m| (t, m))
             });
             let known: Vec<(TargetId, ModelMetadataResponse)> =
                 futures_util::future::join_all(fetches)

@@ -95,26 +95,19 @@ pub(crate) struct CascadeAnswer {
     pub(crate) verdict: Verdict,
 }
 
-/// Per-stage counters and latency estimates of one cascade.
+/// A moving average of each stage's (or step's) latency, µs (0: not yet measured), which
+/// cascades and pipelines compare with the time left.
 #[derive(Debug)]
-pub(crate) struct CascadeStats {
-    pub(crate) metrics: CascadeMetrics,
-    /// Moving average of each stage's latency, µs (0: not yet measured).
-    latency_us: Box<[AtomicU64]>,
-}
+pub(crate) struct Latencies(Box<[AtomicU64]>);
 
-impl CascadeStats {
-    pub(crate) fn new(metrics: CascadeMetrics) -> Self {
-        let stages = metrics.answered.len();
-        Self {
-            metrics,
-            latency_us: (0..stages).map(|_| AtomicU64::new(0)).collect(),
-        }
+impl Latencies {
+    pub(crate) fn new(n: usize) -> Self {
+        Self((0..n).map(|_| AtomicU64::new(0)).collect())
     }
 
-    fn observe(&self, stage: usize, took: Duration) {
+    pub(crate) fn observe(&self, i: usize, took: Duration) {
         let sample = took.as_micros() as u64;
-        let slot = &self.latency_us[stage];
+        let slot = &self.0[i];
         let old = slot.load(Ordering::Relaxed);
         // An exponential moving average (1/8 weight on the new sample); a race only
         // loses one sample.
@@ -126,8 +119,25 @@ impl CascadeStats {
         slot.store(new.max(1), Ordering::Relaxed);
     }
 
-    fn estimate(&self, stage: usize) -> Duration {
-        Duration::from_micros(self.latency_us[stage].load(Ordering::Relaxed))
+    pub(crate) fn estimate(&self, i: usize) -> Duration {
+        Duration::from_micros(self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Per-stage counters and latency estimates of one cascade.
+#[derive(Debug)]
+pub(crate) struct CascadeStats {
+    pub(crate) metrics: CascadeMetrics,
+    latency: Latencies,
+}
+
+impl CascadeStats {
+    pub(crate) fn new(metrics: CascadeMetrics) -> Self {
+        let stages = metrics.answered.len();
+        Self {
+            metrics,
+            latency: Latencies::new(stages),
+        }
     }
 }
 
@@ -146,7 +156,7 @@ pub(crate) async fn cascade(
     for (i, stage) in stages.iter().enumerate() {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if let Some((_, b)) = &best
-            && (remaining.is_zero() || remaining < stats.estimate(i))
+            && (remaining.is_zero() || remaining < stats.latency.estimate(i))
         {
             stats.metrics.skipped_deadline[i].inc();
             return Ok(CascadeAnswer {
@@ -163,7 +173,7 @@ pub(crate) async fn cascade(
                 continue;
             }
         };
-        stats.observe(i, started.elapsed());
+        stats.latency.observe(i, started.elapsed());
         let Some(accept) = stage.accept.as_ref().filter(|_| i < last) else {
             stats.metrics.answered[i].inc();
             return Ok(CascadeAnswer {

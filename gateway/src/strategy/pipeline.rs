@@ -9,7 +9,6 @@
 //! little-endian bytes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,7 +19,7 @@ use switchyard_proto::inference::{InferTensorContents, ModelInferRequest, ModelI
 use switchyard_proto::wire::InferMessage;
 use tokio::time::Instant;
 
-use super::{Answer, AnsweredBy, Invoker};
+use super::{Answer, AnsweredBy, Invoker, Latencies};
 use crate::error::GatewayError;
 use crate::metrics::PipelineMetrics;
 use crate::routing::{Mapping, Pipeline, PlanId, Source};
@@ -169,11 +168,11 @@ fn output_names(resp: &ModelInferResponse) -> String {
     }
 }
 
-/// Per-step latency estimates of one pipeline (a moving average, µs; 0: not measured).
+/// Per-step counters and latency estimates of one pipeline.
 #[derive(Debug)]
 pub(crate) struct PipelineStats {
     pub(crate) metrics: PipelineMetrics,
-    latency_us: Box<[AtomicU64]>,
+    latency: Latencies,
 }
 
 impl PipelineStats {
@@ -181,25 +180,13 @@ impl PipelineStats {
         let steps = metrics.ok.len();
         Self {
             metrics,
-            latency_us: (0..steps).map(|_| AtomicU64::new(0)).collect(),
+            latency: Latencies::new(steps),
         }
     }
 
     fn observe(&self, step: usize, took: Duration) {
-        let sample = took.as_micros() as u64;
-        let slot = &self.latency_us[step];
-        let old = slot.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            old - old / 8 + sample / 8
-        };
-        slot.store(new.max(1), Ordering::Relaxed);
+        self.latency.observe(step, took);
         self.metrics.seconds[step].observe(took.as_secs_f64());
-    }
-
-    fn estimate(&self, step: usize) -> Duration {
-        Duration::from_micros(self.latency_us[step].load(Ordering::Relaxed))
     }
 }
 
@@ -242,7 +229,7 @@ pub(crate) async fn pipeline(
     for (i, step) in p.steps.iter().enumerate() {
         let what = || format!("pipeline '{name}' step '{}'", step.name);
         let left = deadline.saturating_duration_since(Instant::now());
-        let usual = stats.estimate(i);
+        let usual = stats.latency.estimate(i);
         if left.is_zero() || left < usual {
             stats.metrics.deadline[i].inc();
             return Err(GatewayError::Deadline {
