@@ -471,3 +471,62 @@ cache: { ttl: 60s }
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_can_be_a_rollouts_candidate() {
+    // The pipeline takes half of the MLP's requests; the gates wait for more evidence
+    // than this test sends, so the rollout stays at its step.
+    let policy = r#"version: 1
+route: pipeline-canary
+targets:
+  pca: { backend: stable, model: digits_pca, version: 1 }
+  pca-mlp: { backend: canary, model: digits_pca_mlp, version: 1 }
+  mlp: { backend: stable, model: digits_mlp, version: 2 }
+plans:
+  two-step:
+    pipeline:
+      steps:
+        - { name: features, plan: pca }
+        - { name: classify, plan: pca-mlp, inputs: { FEATURES: features.features } }
+default: mlp
+rollout:
+  candidate: two-step
+  baseline: mlp
+  steps: [50, 100]
+  interval: 1h
+  min_requests: 100000
+  gates: { error_rate: { max_increase: 0.01 } }
+"#;
+    let gw = TestGateway::digits()
+        .policy("canary.yaml", policy)
+        .start()
+        .await;
+    let data = holdout();
+    let refs = composed();
+    let mut client = gw.client().await;
+    let mut sides = HashMap::new();
+    for (i, row) in data.features.iter().take(60).enumerate() {
+        let resp = infer_with(
+            &mut client,
+            infer_request("pipeline-canary", "", std::slice::from_ref(row)),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|s| panic!("row {i}: {s:?}"));
+        assert_eq!(
+            header_of(&resp, "x-switchyard-rollout"),
+            "step=1/2; weight=50"
+        );
+        let got = probabilities(resp.get_ref());
+        let want = if header_of(&resp, "x-switchyard-pipeline") == "features>classify" {
+            *sides.entry("pipeline").or_insert(0) += 1;
+            &refs.routes["digits-pipeline"].probabilities[i]
+        } else {
+            *sides.entry("mlp").or_insert(0) += 1;
+            assert_eq!(header_of(&resp, "x-switchyard-target"), "digits_mlp/2");
+            &data.models["digits_mlp/2"].probabilities[i]
+        };
+        assert_close(&format!("row {i}"), &got[0], want);
+    }
+    assert_eq!(sides.len(), 2, "both sides answered: {sides:?}");
+}
