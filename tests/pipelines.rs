@@ -201,6 +201,15 @@ async fn the_sample_pipeline_and_switch_match_the_offline_composition_on_every_r
     };
     assert_eq!(io(&meta.inputs), ["INPUT__0 FP32 [-1, 64]"]);
     assert_eq!(io(&meta.outputs), ["probabilities FP32 [-1, 10]"]);
+    let ready = client
+        .model_ready(switchyard_proto::inference::ModelReadyRequest {
+            name: "digits-pipeline".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready, "every step's model is ready");
 
     // And over REST, the same answer.
     let body = rest_infer_body(&[data.features[7].clone()]);
@@ -293,6 +302,24 @@ default: three
         0,
         "the step after the failed one never ran"
     );
+    // Nor is the route ready: a pipeline answers only when every step can, though its
+    // first step's model (which used to stand for the route) is ready.
+    let ready = |name: &str| {
+        let mut client = client.clone();
+        let name = name.to_owned();
+        async move {
+            client
+                .model_ready(switchyard_proto::inference::ModelReadyRequest {
+                    name,
+                    version: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .ready
+        }
+    };
+    assert!(!ready("three-steps").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -377,7 +377,8 @@ async fn control<Req: Message, Resp: Message + Default>(
     }
 }
 
-/// Whether the route can serve `version` (empty: its default plan) now.
+/// Whether the route can serve `version` (empty: its default plan) now: its face target's
+/// model is ready, and for a pipeline every step's.
 pub(crate) async fn ready(
     shared: &Shared,
     snapshot: &Snapshot,
@@ -392,12 +393,27 @@ pub(crate) async fn ready(
     let Ok(t) = face(entry, version) else {
         return false;
     };
-    let spec = entry.route.target(t);
-    let req = ModelReadyRequest {
-        name: spec.model.to_string(),
-        version: spec.version.to_string(),
+    // A pipeline answers only when every step can: each step's model must be ready.
+    let faces: Vec<TargetId> = match entry.route.default_pipeline() {
+        Some((_, p)) if version.is_empty() => p
+            .steps
+            .iter()
+            .map(|s| entry.route.face_target(s.plan))
+            .collect(),
+        _ => vec![t],
     };
-    matches!(control::<_, ModelReadyResponse>(shared, entry, t, MODEL_READY, &req).await, Ok(r) if r.ready)
+    for t in faces {
+        let spec = entry.route.target(t);
+        let req = ModelReadyRequest {
+            name: spec.model.to_string(),
+            version: spec.version.to_string(),
+        };
+        let ready = control::<_, ModelReadyResponse>(shared, entry, t, MODEL_READY, &req).await;
+        if !matches!(ready, Ok(r) if r.ready) {
+            return false;
+        }
+    }
+    true
 }
 
 /// The route's metadata: its face target's, under the route's name.
