@@ -951,6 +951,23 @@ fn scrape(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Writes `dir/gateway.yaml` for a gateway on ephemeral ports in front of two backends
+/// (pools `stable` and `canary`) with the policies of `dir/policies`, reloads off; returns
+/// its path.
+fn two_pool_config(dir: &Path, stable: &Server, canary: &Server) -> String {
+    let path = dir.join("gateway.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  stable: {{ endpoints: [\"{}\"] }}\n  canary: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n",
+            stable.addr("grpc"),
+            canary.addr("grpc")
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 fn strategies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
     let (stable, canary) = (Server::backend(repo), Server::backend(repo));
     let dir = tempfile::tempdir().unwrap();
@@ -980,20 +997,8 @@ fn strategies(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
     );
     single("mlp-v2", "canary", "digits_mlp", 2, "");
     single("linear", "stable", "digits_linear", 1, "");
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  stable: {{ endpoints: [\"{}\"] }}\n  canary: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n",
-            stable.addr("grpc"),
-            canary.addr("grpc")
-        ),
-    )
-    .unwrap();
-    let gateway = Server::start(&[
-        "gateway",
-        "--config",
-        dir.path().join("gateway.yaml").to_str().unwrap(),
-    ]);
+    let config = two_pool_config(dir.path(), &stable, &canary);
+    let gateway = Server::start(&["gateway", "--config", &config]);
     let (grpc, admin) = (gateway.addr("grpc"), gateway.addr("admin"));
     println!(
         "\nstrategies: the sample strategy routes through `switchyard gateway`, held-out rows, two backends on this machine"

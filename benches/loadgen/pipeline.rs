@@ -14,7 +14,9 @@ use std::path::Path;
 
 use switchyard_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
 
-use super::{Args, Report, Server, callgrind, client, closed_loop, holdout_requests};
+use super::{
+    Args, Report, Server, callgrind, client, closed_loop, holdout_requests, two_pool_config,
+};
 
 /// The held-out rows as requests to one model version on a backend.
 fn direct(model: &str) -> Vec<ModelInferRequest> {
@@ -43,16 +45,7 @@ pub(super) fn run(args: &Args, repo: &Path, runtime: &tokio::runtime::Runtime) {
         "version: 1\nroute: pca\ntargets:\n  pca: { backend: stable, model: digits_pca, version: 1 }\ndefault: pca\ndeadline: 250ms\n",
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listen: {{ http: 127.0.0.1:0, grpc: 127.0.0.1:0, admin: 127.0.0.1:0 }}\npolicies: policies\nbackends:\n  stable: {{ endpoints: [\"{}\"] }}\n  canary: {{ endpoints: [\"{}\"] }}\nreload: {{ watch: false }}\n",
-            stable.addr("grpc"),
-            canary.addr("grpc")
-        ),
-    )
-    .unwrap();
-    let config = dir.path().join("gateway.yaml").to_str().unwrap().to_owned();
+    let config = two_pool_config(dir.path(), &stable, &canary);
     let gateway = Server::start(&["gateway", "--config", &config]);
     let grpc = gateway.addr("grpc");
 
