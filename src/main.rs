@@ -249,11 +249,10 @@ async fn up(args: UpArgs) -> Result<()> {
     let mut started = Vec::new();
     for (pool, backend) in &config.backends {
         for endpoint in &backend.value.endpoints {
-            let listener = TcpListener::bind(endpoint.as_str())
-                .await
-                .with_context(|| {
-                    format!("starting the bundled backend for pool '{pool}' on {endpoint}")
-                })?;
+            let endpoint = endpoint.address();
+            let listener = TcpListener::bind(endpoint).await.with_context(|| {
+                format!("starting the bundled backend for pool '{pool}' on {endpoint}")
+            })?;
             let loaded = Backend::load(BackendConfig::new(&args.model_repository))
                 .await
                 .with_context(|| format!("loading {}", args.model_repository.display()))?;

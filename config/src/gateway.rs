@@ -49,6 +49,11 @@ pub struct GatewayConfig {
     /// restart starts every rollout again at its first step.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The file this was read from ([`crate::load_gateway_config`] sets it): reloads read
+    /// its `backends:` again. Not a field of the file.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// Listen addresses.
@@ -77,11 +82,139 @@ impl Default for ListenConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    /// `host:port` of each endpoint's KServe v2 gRPC service.
-    pub endpoints: Vec<String>,
+    /// Each endpoint's KServe v2 gRPC service: `host:port`, or `{ address: host:port,
+    /// metrics: host:port }` where the pool reads queue depths (`balance: queue_aware`).
+    /// A host that is a DNS name stands for every address it resolves to (a Kubernetes
+    /// headless Service: one per ready pod), re-resolved every `resolve_interval`.
+    pub endpoints: Vec<EndpointConfig>,
     /// Time to establish a connection. Default 1s.
     #[serde(default)]
     pub connect_timeout: Option<HumanDuration>,
+    /// How a request picks an endpoint of this pool (after the policy picked the model
+    /// version): `least_request` (default), `queue_aware` or `round_robin`.
+    #[serde(default)]
+    pub balance: Balance,
+    /// How often each endpoint's `/metrics` is read for its queue depth
+    /// (`nv_inference_pending_request_count`) under `balance: queue_aware`; a reading
+    /// older than four intervals is ignored. Default 250ms.
+    #[serde(default)]
+    pub scrape_interval: Option<HumanDuration>,
+    /// How often endpoint host names are resolved again. Default 5s.
+    #[serde(default)]
+    pub resolve_interval: Option<HumanDuration>,
+}
+
+impl BackendConfig {
+    /// `scrape_interval`, or its default.
+    pub fn scrape_every(&self) -> std::time::Duration {
+        self.scrape_interval
+            .map_or(std::time::Duration::from_millis(250), |d| d.0)
+    }
+
+    /// `resolve_interval`, or its default.
+    pub fn resolve_every(&self) -> std::time::Duration {
+        self.resolve_interval
+            .map_or(std::time::Duration::from_secs(5), |d| d.0)
+    }
+}
+
+/// Whether `s` is `host:port` with a non-empty host and a port above 0.
+pub fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// Whether `s` is `:port` (a port on the endpoint's own host).
+pub fn is_port_only(s: &str) -> bool {
+    s.strip_prefix(':')
+        .is_some_and(|port| port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// How a pool picks an endpoint for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each healthy endpoint in turn, whatever its load.
+    RoundRobin,
+    /// Power of two choices: of two healthy endpoints drawn at random, the one with fewer
+    /// of this gateway's requests in flight (Envoy's `LEAST_REQUEST`).
+    #[default]
+    LeastRequest,
+    /// Power of two choices over this gateway's requests in flight plus the endpoint's
+    /// own queue depth (`nv_inference_pending_request_count` from its `/metrics`), so
+    /// load from other gateway replicas and other clients counts too. Every endpoint
+    /// names its `metrics` address.
+    QueueAware,
+}
+
+/// One endpoint of a pool: its gRPC address and, optionally, where its Prometheus
+/// `/metrics` are served. Written as `host:port` alone, or as a map.
+#[derive(Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[schemars(untagged)]
+pub enum EndpointConfig {
+    /// `host:port` of the gRPC service.
+    Address(String),
+    /// The gRPC service and its metrics.
+    Detailed(EndpointDetail),
+}
+
+/// An endpoint written as a map.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointDetail {
+    /// `host:port` of the gRPC service.
+    pub address: String,
+    /// `host:port` of its `/metrics` (Prometheus text), or `:port` on the address's host
+    /// (on each address a DNS name resolves to).
+    #[serde(default)]
+    pub metrics: Option<String>,
+}
+
+impl EndpointConfig {
+    /// `host:port` of the gRPC service.
+    pub fn address(&self) -> &str {
+        match self {
+            Self::Address(a) => a,
+            Self::Detailed(d) => &d.address,
+        }
+    }
+
+    /// Where its `/metrics` are, as written.
+    pub fn metrics(&self) -> Option<&str> {
+        match self {
+            Self::Address(_) => None,
+            Self::Detailed(d) => d.metrics.as_deref(),
+        }
+    }
+}
+
+impl From<&str> for EndpointConfig {
+    fn from(address: &str) -> Self {
+        Self::Address(address.to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = EndpointConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("host:port, or a map with `address` and `metrics`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(EndpointConfig::Address(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                EndpointDetail::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(EndpointConfig::Detailed)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Request limits.

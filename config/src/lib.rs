@@ -81,18 +81,52 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
                 "a backend pool needs at least one endpoint",
             ));
         }
-        for (i, e) in backend.value.endpoints.iter().enumerate() {
-            let ok = e.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !ok {
-                problems.push(Diagnostic::new(
-                    file,
-                    backend.line,
-                    backend.column,
-                    format!("backends.{name}.endpoints[{i}]"),
-                    format!("'{e}' is not host:port"),
+        let at = |field: String, message: String| {
+            Diagnostic::new(file, backend.line, backend.column, field, message)
+        };
+        let b = &backend.value;
+        for (i, e) in b.endpoints.iter().enumerate() {
+            let field = |f: &str| match e {
+                gateway::EndpointConfig::Address(_) => format!("backends.{name}.endpoints[{i}]"),
+                gateway::EndpointConfig::Detailed(_) => {
+                    format!("backends.{name}.endpoints[{i}].{f}")
+                }
+            };
+            if !gateway::is_host_port(e.address()) {
+                problems.push(at(
+                    field("address"),
+                    format!("'{}' is not host:port", e.address()),
                 ));
+            }
+            match e.metrics() {
+                Some(m) if !gateway::is_host_port(m) && !gateway::is_port_only(m) => {
+                    problems.push(at(
+                        field("metrics"),
+                        format!("'{m}' is not host:port or :port"),
+                    ));
+                }
+                None if b.balance == gateway::Balance::QueueAware => problems.push(at(
+                    field("metrics"),
+                    format!(
+                        "balance: queue_aware reads every endpoint's queue depth from its /metrics, \
+                         and '{}' names none: write {{ address: {}, metrics: host:port }} (or \
+                         metrics: ':port' on the same host)",
+                        e.address(),
+                        e.address()
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        for (what, d) in [
+            ("scrape_interval", b.scrape_interval),
+            ("resolve_interval", b.resolve_interval),
+        ] {
+            let what = format!("backends.{name}.{what}");
+            if let Some(d) = d
+                && let Err(e) = rules::within(&what, d.0, rules::MAX_PERIOD)
+            {
+                problems.push(at(what, e));
             }
         }
     }
@@ -238,6 +272,7 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
     {
         *token = base.join(&*token);
     }
+    config.file = Some(file.to_path_buf());
     Ok(config)
 }
 

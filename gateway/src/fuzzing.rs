@@ -64,8 +64,15 @@ pub fn policy(data: &[u8]) {
     let table = crate::routing::compile(&set, &gateway)
         .unwrap_or_else(|e| panic!("`check` accepts what a reload refuses: {e}"));
     let metrics = Metrics::new();
-    let upstreams = Upstreams::new(&gateway, metrics.clone()).expect("the fuzz pools");
-    if let Err(e) = Snapshot::build(1, &table, &upstreams, &metrics, &Kept::default()) {
+    let upstreams = Upstreams::new(&gateway, metrics.clone());
+    if let Err(e) = Snapshot::build(
+        1,
+        &table,
+        &upstreams,
+        &upstreams.pools(),
+        &metrics,
+        &Kept::default(),
+    ) {
         panic!("`check` accepts what a reload refuses: {e}");
     }
 }

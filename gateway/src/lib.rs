@@ -56,7 +56,6 @@ use switchyard_config::{Diagnostics, GatewayConfig, load_policies};
 use tracing::info;
 
 pub use metrics::Metrics;
-pub use upstream::ResolveError;
 
 use snapshot::Snapshot;
 use upstream::Upstreams;
@@ -131,9 +130,6 @@ pub enum StartError {
     /// The policies in force at start-up are invalid (every problem is listed).
     #[error("invalid policies:\n{0}")]
     Policies(Diagnostics),
-    /// A backend endpoint does not resolve.
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
 }
 
 /// The listeners, bound before the gateway starts (tests bind `127.0.0.1:0`): one socket
@@ -217,12 +213,12 @@ impl Gateway {
     /// environment variable `admin.token_env` names, or from `admin.token_file`.
     pub fn new(config: GatewayConfig) -> Result<Self, StartError> {
         let metrics = Metrics::new();
-        let upstreams = Arc::new(Upstreams::new(&config, metrics.clone())?);
+        let upstreams = Arc::new(Upstreams::new(&config, metrics.clone()));
         let policies = load_policies(&config.policies, &config).map_err(StartError::Policies)?;
         let kept = snapshot::Kept::new(config.state_dir.clone());
         let table = routing::compile(&policies, &config)
             .map_err(|e| StartError::Policies(e.diagnostics()))?;
-        let snapshot = Snapshot::build(1, &table, &upstreams, &metrics, &kept)
+        let snapshot = Snapshot::build(1, &table, &upstreams, &upstreams.pools(), &metrics, &kept)
             .map_err(|e| StartError::Policies(e.diagnostics()))?;
         metrics.policy_version.set(1);
         let from_env = config
@@ -317,9 +313,13 @@ impl Gateway {
                 })?;
             workers.push(done_rx);
         }
-        let mut tasks = vec![tokio::spawn(
-            shared.upstreams.clone().run_health_checks(stop_rx.clone()),
-        )];
+        let mut tasks = vec![
+            tokio::spawn(shared.upstreams.clone().run_health_checks(stop_rx.clone())),
+            tokio::spawn(upstream::discovery::run(
+                shared.upstreams.clone(),
+                stop_rx.clone(),
+            )),
+        ];
         tasks.push(tokio::spawn(rollout::drive(
             shared.clone(),
             stop_rx.clone(),

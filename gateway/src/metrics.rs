@@ -74,6 +74,14 @@ pub struct Metrics {
     pub(crate) upstream_connects: IntCounterVec,
     /// Upstream calls in flight (h2 streams), by backend and endpoint.
     pub(crate) upstream_streams: IntGaugeVec,
+    /// Calls made to a backend endpoint, by backend and endpoint: each replica's share.
+    pub(crate) upstream_requests: IntCounterVec,
+    /// An endpoint's queue depth as last scraped from its `/metrics`, by backend and endpoint.
+    pub(crate) endpoint_queue: IntGaugeVec,
+    /// Endpoints of each pool now (DNS names count once per address).
+    pub(crate) pool_endpoints: IntGaugeVec,
+    /// Failed DNS resolutions and `/metrics` scrapes, by backend and what failed.
+    pub(crate) discovery_errors: IntCounterVec,
     pub(crate) target_ready: IntGaugeVec,
     reloads: IntCounterVec,
     pub(crate) policy_version: IntGauge,
@@ -217,6 +225,30 @@ impl Metrics {
                 "switchyard_upstream_streams",
                 "Calls in flight to a backend endpoint (HTTP/2 streams over its connections, at most 100 each), by backend and endpoint",
                 &["backend", "endpoint"],
+            ),
+            upstream_requests: counter(
+                &r,
+                "switchyard_upstream_requests_total",
+                "Calls the gateway made to a backend endpoint (inference and control), by backend and endpoint: how the pool's balance spreads load",
+                &["backend", "endpoint"],
+            ),
+            endpoint_queue: gauge(
+                &r,
+                "switchyard_endpoint_queue",
+                "Requests waiting at a backend endpoint (its nv_inference_pending_request_count summed over models) as last scraped, for balance: queue_aware; -1 when the reading is stale",
+                &["backend", "endpoint"],
+            ),
+            pool_endpoints: gauge(
+                &r,
+                "switchyard_pool_endpoints",
+                "Endpoints in each backend pool (a DNS name counts once per address it resolves to)",
+                &["backend"],
+            ),
+            discovery_errors: counter(
+                &r,
+                "switchyard_discovery_errors_total",
+                "Failed DNS resolutions of endpoint names (the last addresses stay in force) and failed /metrics scrapes, by backend and kind (resolve, scrape)",
+                &["backend", "kind"],
             ),
             endpoint_healthy: gauge(
                 &r,

@@ -19,7 +19,7 @@ use crate::Shared;
 use crate::grpc::MODEL_METADATA;
 use crate::routing::{self, Plan, RoutingTable, TargetId};
 use crate::snapshot::{Kept, Snapshot};
-use crate::upstream::Upstreams;
+use crate::upstream::{Pools, Upstreams};
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 
 /// The longest a reload may take to read, validate and compile the policy folder.
@@ -79,18 +79,46 @@ impl Shared {
     /// starts from now on; on failure nothing changes.
     pub(crate) async fn reload(self: &Arc<Self>, trigger: &str) -> Result<u64, Diagnostics> {
         let _one_at_a_time = self.reloads.lock.lock().await;
-        let this = self.clone();
         let failed = |what: String| {
             Diagnostics(vec![switchyard_config::Diagnostic::file(
                 &self.config.policies,
                 what,
             )])
         };
+        // gateway.yaml's `backends:` reload with the policies (the rest of the file takes
+        // effect at a restart): its pools are resolved and built first, the policies are
+        // compiled against them, and both go in force together or not at all.
+        let (config, plan) = match self.config.file.as_deref() {
+            Some(file) => {
+                let file = file.to_path_buf();
+                let read = tokio::task::spawn_blocking(move || {
+                    switchyard_config::load_gateway_config(&file)
+                })
+                .await
+                .map_err(|e| failed(format!("reading gateway.yaml failed: {}", panic_message(e))))
+                .and_then(|r| r);
+                match read {
+                    Ok(fresh) => {
+                        let plan = self.upstreams.plan(&fresh.backends).await;
+                        let mut config = self.config.clone();
+                        config.backends = fresh.backends;
+                        (Arc::new(config), Some(plan))
+                    }
+                    Err(d) => return self.rejected(trigger, d),
+                }
+            }
+            None => (Arc::new(self.config.clone()), None),
+        };
+        let pools = plan
+            .as_ref()
+            .map_or_else(|| self.upstreams.pools(), |p| Arc::new(p.pools.clone()));
         // Reading, validating and compiling run on the blocking pool, bounded in time; a
         // panic there is a failed reload with its message, and the next reload still runs.
+        let compiling = config.clone();
         let work = tokio::task::spawn_blocking(move || {
-            load_policies(&this.config.policies, &this.config).and_then(|policies| {
-                routing::compile(&policies, &this.config).map_err(|e| e.diagnostics())
+            let config = &compiling;
+            load_policies(&config.policies, config).and_then(|policies| {
+                routing::compile(&policies, config).map_err(|e| e.diagnostics())
             })
         });
         let compiled = match tokio::time::timeout(RELOAD_LIMIT, work).await {
@@ -105,8 +133,8 @@ impl Shared {
         // failing every request later.
         let checked = match compiled {
             Ok(table) => {
-                let mut problems = check_ensemble_outputs(&self.upstreams, &table).await;
-                problems.extend(check_pipelines(&self.upstreams, &table).await);
+                let mut problems = check_ensemble_outputs(&self.upstreams, &pools, &table).await;
+                problems.extend(check_pipelines(&self.upstreams, &pools, &table).await);
                 if problems.is_empty() {
                     Ok(table)
                 } else {
@@ -122,6 +150,7 @@ impl Shared {
                     version,
                     &table,
                     &self.upstreams,
+                    &pools,
                     &self.metrics,
                     &self.reloads.kept,
                 )
@@ -134,9 +163,21 @@ impl Shared {
                     ))
                 })?
                 .map_err(|e| e.diagnostics())?;
+            if let Some(plan) = plan {
+                if !plan.is_empty() {
+                    let (changed, removed) = plan.summary();
+                    info!(trigger, ?changed, ?removed, "backend pools reloaded");
+                }
+                self.upstreams.commit(plan);
+            }
             self.snapshot.store(Arc::new(snapshot));
             Ok(version)
         });
+        self.settle(trigger, result)
+    }
+
+    /// Logs, counts and keeps a reload's outcome.
+    fn settle(&self, trigger: &str, result: Result<u64, Diagnostics>) -> Result<u64, Diagnostics> {
         match &result {
             Ok(version) => {
                 self.metrics.reload(true);
@@ -162,6 +203,10 @@ impl Shared {
                 .unwrap_or_default(),
         })));
         result
+    }
+
+    fn rejected(&self, trigger: &str, d: Diagnostics) -> Result<u64, Diagnostics> {
+        self.settle(trigger, Err(d))
     }
 }
 
@@ -214,7 +259,11 @@ const METADATA_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 /// reports outputs that members share by name but not by datatype or shape (a `-1`
 /// dimension matches any). Members whose backend does not answer are not checked here;
 /// combining their outputs fails at request time with the same description instead.
-async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Diagnostic> {
+async fn check_ensemble_outputs(
+    upstreams: &Upstreams,
+    pools: &Pools,
+    table: &RoutingTable,
+) -> Vec<Diagnostic> {
     use switchyard_proto::inference::ModelMetadataResponse;
     let mut problems = Vec::new();
     for route in table.routes() {
@@ -229,7 +278,9 @@ async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> 
                 })
                 .collect();
             let fetches = members.iter().map(|&t| async move {
-                target_metadata(upstreams, route, t).await.map(|m| (t, m))
+                target_metadata(upstreams, pools, route, t)
+                    .await
+                    .map(|m| (t, m))
             });
             let known: Vec<(TargetId, ModelMetadataResponse)> =
                 futures_util::future::join_all(fetches)
@@ -262,18 +313,19 @@ async fn check_ensemble_outputs(upstreams: &Upstreams, table: &RoutingTable) -> 
 /// A target's `ModelMetadata`, or `None` when its backend does not answer in time.
 async fn target_metadata(
     upstreams: &Upstreams,
+    pools: &Pools,
     route: &routing::Route,
     t: TargetId,
 ) -> Option<switchyard_proto::inference::ModelMetadataResponse> {
     use switchyard_proto::inference::{ModelMetadataRequest, ModelMetadataResponse};
     let spec = route.target(t);
-    let pool = upstreams.pool(&spec.backend)?;
+    let endpoint = pools.get(&*spec.backend)?.pick()?;
     let req = ModelMetadataRequest {
         name: spec.model.to_string(),
         version: spec.version.to_string(),
     };
     upstreams
-        .control::<_, ModelMetadataResponse>(pool.pick(), MODEL_METADATA, &req, METADATA_BUDGET)
+        .control::<_, ModelMetadataResponse>(&endpoint, MODEL_METADATA, &req, METADATA_BUDGET)
         .await
         .ok()
 }
@@ -284,7 +336,11 @@ async fn target_metadata(
 /// client's outputs must exist. Steps that are not a single target, and targets whose
 /// backend does not answer, are not checked here; at request time a missing tensor is
 /// an error naming the step and the tensor.
-async fn check_pipelines(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Diagnostic> {
+async fn check_pipelines(
+    upstreams: &Upstreams,
+    pools: &Pools,
+    table: &RoutingTable,
+) -> Vec<Diagnostic> {
     let mut problems = Vec::new();
     for route in table.routes() {
         let file = std::path::Path::new(&*route.file);
@@ -294,7 +350,7 @@ async fn check_pipelines(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Dia
                 Plan::Pipeline(p) => {
                     let metas = futures_util::future::join_all(p.steps.iter().map(|st| async {
                         match route.plan(st.plan) {
-                            Plan::Target(t) => target_metadata(upstreams, route, *t)
+                            Plan::Target(t) => target_metadata(upstreams, pools, route, *t)
                                 .await
                                 .map(|m| (route.target(*t).label.clone(), m)),
                             _ => None,
@@ -318,7 +374,7 @@ async fn check_pipelines(upstreams: &Upstreams, table: &RoutingTable) -> Vec<Dia
                     let (Some(output), Plan::Target(t)) = (&sw.output, route.plan(sw.on)) else {
                         continue;
                     };
-                    let Some(meta) = target_metadata(upstreams, route, *t).await else {
+                    let Some(meta) = target_metadata(upstreams, pools, route, *t).await else {
                         continue;
                     };
                     if !meta.outputs.iter().any(|o| *o.name == **output) {

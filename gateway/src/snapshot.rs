@@ -20,7 +20,7 @@ use crate::strategy::CascadeStats;
 use crate::strategy::cache::RouteCache;
 use crate::strategy::pipeline::PipelineStats;
 use crate::strategy::shadow::ShadowStats;
-use crate::upstream::{Pool, TargetKey, TargetState, Upstreams};
+use crate::upstream::{Pool, Pools, TargetKey, TargetState, Upstreams};
 
 /// One immutable policy version.
 #[derive(Debug)]
@@ -198,6 +198,7 @@ impl Snapshot {
         version: u64,
         table: &RoutingTable,
         upstreams: &Upstreams,
+        pools: &Pools,
         metrics: &Metrics,
         kept: &Kept,
     ) -> Result<Self, InvalidRoute> {
@@ -208,8 +209,8 @@ impl Snapshot {
                 .targets
                 .iter()
                 .map(|t| {
-                    let pool = upstreams
-                        .pool(&t.backend)
+                    let pool = pools
+                        .get(&*t.backend)
                         .ok_or_else(|| InvalidRoute {
                             file: route.file.to_string(),
                             route: route.name.to_string(),

@@ -93,7 +93,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
                         "version": &*spec.version,
                         "breaker": t.state.breaker.state().name(),
                         "available": t.state.available(&t.pool),
-                        "endpoints": t.pool.endpoints.iter().map(|e| json!({ "address": e.address, "healthy": e.is_healthy() })).collect::<Vec<_>>(),
+                        "endpoints": t.pool.members().endpoints.iter().map(|e| json!({ "address": e.address, "healthy": e.is_healthy() })).collect::<Vec<_>>(),
                     }));
                 }
             }

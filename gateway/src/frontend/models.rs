@@ -360,10 +360,18 @@ async fn control<Req: Message, Resp: Message + Default>(
     path: &'static str,
     req: &Req,
 ) -> Result<Resp, GatewayError> {
-    let pool = &entry.target(target).pool;
+    let Some(endpoint) = entry.target(target).pool.pick() else {
+        return Err(GatewayError::UpstreamFailed {
+            route: entry.route.name.to_string(),
+            reason: format!(
+                "backend pool '{}' has no endpoint (its names resolve to no address yet)",
+                entry.route.target(target).backend
+            ),
+        });
+    };
     match shared
         .upstreams
-        .control(pool.pick(), path, req, CONTROL_BUDGET)
+        .control(&endpoint, path, req, CONTROL_BUDGET)
         .await
     {
         Ok(resp) => Ok(resp),

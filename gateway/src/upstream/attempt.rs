@@ -360,7 +360,16 @@ pub(crate) async fn infer<C: Call>(
                 None => continue,
             }
         } else {
-            target.pool.pick()
+            match target.pool.pick() {
+                Some(e) => e,
+                None => {
+                    skipped.push(format!(
+                        "{}: no endpoint (its names resolve to nothing yet)",
+                        spec.name
+                    ));
+                    continue;
+                }
+            }
         };
         let Some(admission) = target.state.breaker.admit() else {
             target.metrics.attempt(Attempt::BreakerOpen);
@@ -397,9 +406,10 @@ pub(crate) async fn infer<C: Call>(
             None => {}
         }
         let chunks = message.chunks(&spec.model, &spec.version, left.as_micros() as u64);
+        endpoint.requests.inc();
         let result = upstream
             .call
-            .call(endpoint, MODEL_INFER, &chunks, left, options.shadow)
+            .call(&endpoint, MODEL_INFER, &chunks, left, options.shadow)
             .await;
         let mut classified = classify(result, &deadline, Instant::now(), &route.name, &spec.name);
         if let Attempted::Failed {
@@ -413,7 +423,7 @@ pub(crate) async fn infer<C: Call>(
             // is left to the target's breaker and the health checks.)
             if target
                 .pool
-                .has_other_healthy(Arc::as_ptr(endpoint) as usize)
+                .has_other_healthy(Arc::as_ptr(&endpoint) as usize)
             {
                 classified.health = Health::Unknown;
                 if !sent {
@@ -455,7 +465,7 @@ pub(crate) async fn infer<C: Call>(
                     break;
                 }
                 budgeted = !gone;
-                tried.push(Arc::as_ptr(endpoint) as usize);
+                tried.push(Arc::as_ptr(&endpoint) as usize);
                 if target.pool.pick_other(&tried).is_some() {
                     again = Some(target_id);
                 }
@@ -757,9 +767,17 @@ mod tests {
         let policies = switchyard_config::load_policies(&config.policies, &config)
             .unwrap_or_else(|d| panic!("{d}"));
         let metrics = Metrics::new();
-        let upstreams = Upstreams::new(&config, metrics.clone()).unwrap();
+        let upstreams = Upstreams::new(&config, metrics.clone());
         let table = crate::routing::compile(&policies, &config).unwrap();
-        let snapshot = Snapshot::build(1, &table, &upstreams, &metrics, &Kept::default()).unwrap();
+        let snapshot = Snapshot::build(
+            1,
+            &table,
+            &upstreams,
+            &upstreams.pools(),
+            &metrics,
+            &Kept::default(),
+        )
+        .unwrap();
         let entry = snapshot.routes.get("r").expect("route r").clone();
         (entry, RetryBudget::new(20, 10))
     }

@@ -1,0 +1,161 @@
+//! Load-aware endpoint picking inside a pool: three replicas of one model, one of them
+//! slow (its batcher holds every request 50ms for company), served through the gateway by
+//! eight concurrent clients; the share of calls each replica got is read from
+//! `switchyard_upstream_requests_total`.
+
+mod common;
+
+use common::gateway::{GatewaySetup, TestGateway};
+use common::{TestBackend, holdout, infer_request, metric, patient_repo};
+
+/// Calls each of `[fast, fast, slow]` got for 240 requests under `balance`.
+async fn calls_per_replica(balance: &str) -> Vec<f64> {
+    let fast = patient_repo("m", 8, 0);
+    let slow = patient_repo("m", 64, 50_000);
+    let backends = [
+        TestBackend::start(fast.path()).await,
+        TestBackend::start(fast.path()).await,
+        TestBackend::start(slow.path()).await,
+    ];
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    let gw = TestGateway::start(GatewaySetup {
+        backends: vec![],
+        policies: vec![(
+            "r.yaml".into(),
+            "version: 1\nroute: r\ntargets:\n  t: { backend: p, model: m, version: 1 }\ndefault: t\n"
+                .into(),
+        )],
+        // The pool is written here, with its balance, ahead of the admin section.
+        extra: format!(
+            "  p: {{ endpoints: [{}], balance: {balance} }}\nadmin: {{ token_file: admin-token }}\n",
+            list.join(", ")
+        ),
+    })
+    .await;
+    let row = holdout().features[0].clone();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut client = gw.client().await;
+        let row = row.clone();
+        clients.push(tokio::spawn(async move {
+            for _ in 0..30 {
+                client
+                    .model_infer(infer_request("r", "", std::slice::from_ref(&row)))
+                    .await
+                    .expect("every request is answered");
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let text = gw.metrics().await;
+    backends
+        .iter()
+        .map(|b| {
+            metric(
+                &text,
+                "switchyard_upstream_requests_total",
+                &[("backend", "p"), ("endpoint", &b.addr.to_string())],
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_gives_the_slow_replica_its_third() {
+    let calls = calls_per_replica("round_robin").await;
+    assert_eq!(calls.iter().sum::<f64>(), 240.0, "{calls:?}");
+    for c in &calls {
+        assert!(
+            (c - 80.0).abs() <= 1.0,
+            "round robin spreads evenly: {calls:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_sends_the_slow_replica_clearly_less() {
+    // Before picking by load, the pool was round robin whatever it was told: each replica
+    // got a third, the slow one too.
+    let calls = calls_per_replica("least_request").await;
+    assert_eq!(calls.iter().sum::<f64>(), 240.0, "{calls:?}");
+    let fastest = calls[0].min(calls[1]);
+    assert!(
+        calls[2] * 2.0 < fastest,
+        "the slow replica gets less than half of a fast one's calls: {calls:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_reload_without_a_restart_and_a_bad_edit_keeps_the_pools() {
+    let repo = patient_repo("m", 8, 0);
+    let (a, b) = (
+        TestBackend::start(repo.path()).await,
+        TestBackend::start(repo.path()).await,
+    );
+    let gw = TestGateway::start(GatewaySetup {
+        backends: vec![("p".into(), vec![a.addr])],
+        policies: vec![(
+            "r.yaml".into(),
+            "version: 1\nroute: r\ntargets:\n  t: { backend: p, model: m, version: 1 }\ndefault: t\n"
+                .into(),
+        )],
+        extra: "reload: { watch: false }\n".into(),
+    })
+    .await;
+    let file = gw.policy_dir().parent().unwrap().join("gateway.yaml");
+    let before = std::fs::read_to_string(&file).unwrap();
+    let row = holdout().features[0].clone();
+    let client = gw.client().await;
+    let send = |n: usize| {
+        let mut client = client.clone();
+        let row = row.clone();
+        async move {
+            for _ in 0..n {
+                client
+                    .model_infer(infer_request("r", "", std::slice::from_ref(&row)))
+                    .await
+                    .expect("answered");
+            }
+        }
+    };
+    send(10).await;
+    let calls = |text: &str, addr: std::net::SocketAddr| {
+        metric(
+            text,
+            "switchyard_upstream_requests_total",
+            &[("backend", "p"), ("endpoint", &addr.to_string())],
+        )
+    };
+    // An edit that names an endpoint which is not host:port is refused whole.
+    std::fs::write(
+        &file,
+        before.replace(&format!("\"{}\"", a.addr), "\"nonsense\""),
+    )
+    .unwrap();
+    let (status, body) = gw.admin_reload().await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.to_string().contains("is not host:port"), "{body}");
+    send(4).await;
+    // Adding b to the pool: both serve from now on, a's endpoint (its counts) kept.
+    std::fs::write(
+        &file,
+        before.replace(
+            &format!("\"{}\"", a.addr),
+            &format!("\"{}\", \"{}\"", a.addr, b.addr),
+        ),
+    )
+    .unwrap();
+    let (status, body) = gw.admin_reload().await;
+    assert_eq!(status, 200, "{body}");
+    send(40).await;
+    let text = gw.metrics().await;
+    assert!(calls(&text, a.addr) >= 14.0, "a kept its endpoint state");
+    assert!(
+        calls(&text, b.addr) > 0.0,
+        "b joined the pool: {}",
+        calls(&text, b.addr)
+    );
+    assert_eq!(calls(&text, a.addr) + calls(&text, b.addr), 54.0);
+}
