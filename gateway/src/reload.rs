@@ -104,7 +104,7 @@ impl Shared {
                         config.backends = fresh.backends;
                         (Arc::new(config), Some(plan))
                     }
-                    Err(d) => return self.rejected(trigger, d),
+                    Err(d) => return self.settle(trigger, Err(d)),
                 }
             }
             None => (Arc::new(self.config.clone()), None),
@@ -203,10 +203,6 @@ impl Shared {
                 .unwrap_or_default(),
         })));
         result
-    }
-
-    fn rejected(&self, trigger: &str, d: Diagnostics) -> Result<u64, Diagnostics> {
-        self.settle(trigger, Err(d))
     }
 }
 
