@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gateway::{GatewaySetup, TestGateway};
+use common::gateway::{GatewaySetup, TestGateway, http};
 use common::{TestBackend, holdout, infer_request, metric, patient_repo};
 
 /// Calls each of `[fast, fast, slow]` got for 240 requests under `balance`.
@@ -158,4 +158,86 @@ async fn backends_reload_without_a_restart_and_a_bad_edit_keeps_the_pools() {
         calls(&text, b.addr)
     );
     assert_eq!(calls(&text, a.addr) + calls(&text, b.addr), 54.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saving_gateway_yaml_reloads_its_backends_by_itself() {
+    // Before, only the policy folder was watched: a `backends:` edit waited for SIGHUP.
+    let repo = patient_repo("m", 8, 0);
+    let (a, b) = (
+        TestBackend::start(repo.path()).await,
+        TestBackend::start(repo.path()).await,
+    );
+    let gw = TestGateway::start(GatewaySetup {
+        backends: vec![("p".into(), vec![a.addr])],
+        policies: vec![(
+            "r.yaml".into(),
+            "version: 1\nroute: r\ntargets:\n  t: { backend: p, model: m, version: 1 }\ndefault: t\n"
+                .into(),
+        )],
+        extra: "reload: { debounce: 100ms }\n".into(),
+    })
+    .await;
+    let file = gw.policy_dir().parent().unwrap().join("gateway.yaml");
+    let before = std::fs::read_to_string(&file).unwrap();
+    // The watcher says what it watches once it does (the gateway serves before that).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let policy = http(gw.admin, "GET", "/admin/policy", &[], b"")
+            .await
+            .json();
+        let watching = policy["watching"].as_array().cloned().unwrap_or_default();
+        if watching
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.ends_with("gateway.yaml")))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{policy}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Saved as editors do: a new file renamed over the old one.
+    let saved = file.with_extension("yaml.swp");
+    std::fs::write(
+        &saved,
+        before.replace(&format!("\"{}\"", a.addr), &format!("\"{}\"", b.addr)),
+    )
+    .unwrap();
+    std::fs::rename(&saved, &file).unwrap();
+    let row = holdout().features[0].clone();
+    let mut client = gw.client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        client
+            .model_infer(infer_request("r", "", std::slice::from_ref(&row)))
+            .await
+            .expect("answered while the pool changes");
+        let text = gw.metrics().await;
+        let on_b = metric(
+            &text,
+            "switchyard_upstream_requests_total",
+            &[("backend", "p"), ("endpoint", &b.addr.to_string())],
+        );
+        if on_b > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway.yaml's save was not picked up: {}",
+            String::from_utf8_lossy(&http(gw.admin, "GET", "/admin/policy", &[], b"").await.body)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // And it settles: the reload's own reading of the files is no edit. (Before, notify's
+    // open events made each reload trigger the next, about twenty a second.)
+    let version = || async {
+        http(gw.admin, "GET", "/admin/policy", &[], b"")
+            .await
+            .json()["version"]
+            .as_u64()
+            .unwrap()
+    };
+    let settled = version().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(version().await, settled, "no reload without an edit");
 }

@@ -1,16 +1,16 @@
 //! Policy reload: parse, validate all files, build the whole snapshot, one atomic store.
 //! Any error keeps the snapshot in force and is logged, counted and kept for the admin API.
-//! Triggers: file changes in the policy folder (debounced), SIGHUP (wired by the binary),
+//! Triggers: file changes in the policy folder or to gateway.yaml (debounced), SIGHUP (wired by the binary),
 //! and `POST /admin/reload`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use std::time::SystemTime;
 
-use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use switchyard_config::{Diagnostic, Diagnostics, load_policies};
 use tracing::{info, warn};
@@ -59,6 +59,8 @@ pub(crate) struct Reloads {
     lock: tokio::sync::Mutex<()>,
     /// The last attempt's outcome, for `GET /admin/policy`.
     pub(crate) last: ArcSwap<Option<ReloadStatus>>,
+    /// What the file watcher watches, once it does (`GET /admin/policy`).
+    pub(crate) watching: ArcSwap<Vec<String>>,
     /// Strategy state that outlives snapshots (caches, shadow bounds).
     kept: Kept,
 }
@@ -69,6 +71,7 @@ impl Reloads {
             next_version: AtomicU64::new(2),
             lock: tokio::sync::Mutex::new(()),
             last: ArcSwap::from_pointee(None),
+            watching: ArcSwap::from_pointee(Vec::new()),
             kept,
         }
     }
@@ -206,19 +209,38 @@ impl Shared {
     }
 }
 
-/// Watches the policy folder and reloads after each quiet period. Handles editors that
-/// write in place, atomic renames, and Kubernetes ConfigMap volumes (whose `..data`
-/// symlink is swapped in one rename): every event in the folder counts, and a reload
-/// reads the folder whole, so a half-written file can at worst fail validation and
-/// leave the old snapshot in force until the write completes.
+/// Watches the policy folder and gateway.yaml, and reloads after each quiet period.
+/// Handles editors that write in place, atomic renames, and Kubernetes ConfigMap volumes
+/// (whose `..data` symlink is swapped in one rename): every event in the policy folder
+/// counts, and so does one on gateway.yaml or a `..`-named entry beside it (the
+/// ConfigMap's swap). A reload reads everything whole, so a half-written file can at
+/// worst fail validation and leave the old snapshot in force until the write completes.
 pub(crate) async fn watch(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let dir: PathBuf = shared.config.policies.clone();
+    let policies = canonical(&shared.config.policies);
+    // gateway.yaml's folder, watched for that one file (it often holds other things).
+    let config_file = shared.config.file.as_deref().and_then(|f| {
+        let name = f.file_name()?.to_owned();
+        let dir = f.parent().filter(|d| !d.as_os_str().is_empty());
+        Some((canonical(dir.unwrap_or(Path::new("."))), name))
+    });
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let relevant = Watched {
+        policies: policies.clone(),
+        config_file: config_file.clone(),
+    };
     let debouncer = new_debouncer(
         shared.config.reload.debounce.0,
         None,
         move |result: DebounceEventResult| {
-            if matches!(&result, Ok(events) if !events.is_empty()) {
+            if let Ok(events) = &result
+                && events
+                    .iter()
+                    // notify reports opens and reads too (inotify's IN_OPEN): a reload
+                    // reading the files must not look like an edit, or it triggers the next.
+                    .filter(|e| !matches!(e.kind, EventKind::Access(_)))
+                    .flat_map(|e| e.paths.iter())
+                    .any(|p| relevant.matters(p))
+            {
                 let _ = tx.send(());
             }
         },
@@ -226,15 +248,31 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
     let mut debouncer = match debouncer {
         Ok(d) => d,
         Err(e) => {
-            warn!(dir = %dir.display(), "cannot watch the policy folder: {e}; reload with SIGHUP or POST /admin/reload");
+            warn!(dir = %policies.display(), "cannot watch the policy folder: {e}; reload with SIGHUP or POST /admin/reload");
             return;
         }
     };
-    if let Err(e) = debouncer.watch(&dir, RecursiveMode::NonRecursive) {
-        warn!(dir = %dir.display(), "cannot watch the policy folder: {e}; reload with SIGHUP or POST /admin/reload");
+    if let Err(e) = debouncer.watch(&policies, RecursiveMode::NonRecursive) {
+        warn!(dir = %policies.display(), "cannot watch the policy folder: {e}; reload with SIGHUP or POST /admin/reload");
         return;
     }
-    info!(dir = %dir.display(), "watching policies");
+    info!(dir = %policies.display(), "watching policies");
+    let mut watching = vec![policies.display().to_string()];
+    if let Some((dir, name)) = &config_file
+        && *dir != policies
+    {
+        match debouncer.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                info!(file = %dir.join(name).display(), "watching the deployment file");
+                watching.push(dir.join(name).display().to_string());
+            }
+            Err(e) => warn!(
+                file = %dir.join(name).display(),
+                "cannot watch the deployment file: {e}; its backends reload with SIGHUP, POST /admin/reload or a policy change"
+            ),
+        }
+    }
+    shared.reloads.watching.store(Arc::new(watching));
     loop {
         tokio::select! {
             event = rx.recv() => {
@@ -244,6 +282,35 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
                 let _ = shared.reload("file change").await;
             }
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// A folder as the watcher reports paths in it (symlinks resolved), or as written.
+fn canonical(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Which file events cause a reload.
+struct Watched {
+    policies: PathBuf,
+    /// gateway.yaml's folder and file name.
+    config_file: Option<(PathBuf, std::ffi::OsString)>,
+}
+
+impl Watched {
+    fn matters(&self, path: &Path) -> bool {
+        let Some(parent) = path.parent() else {
+            return false;
+        };
+        if parent == self.policies {
+            return true;
+        }
+        match (&self.config_file, path.file_name()) {
+            (Some((dir, name)), Some(file)) if parent == dir => {
+                file == name || file.as_encoded_bytes().starts_with(b"..")
+            }
+            _ => false,
         }
     }
 }
@@ -517,6 +584,22 @@ fn output_clashes(a: &[TensorMetadata], b: &[TensorMetadata]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watcher_reloads_for_policies_gateway_yaml_and_configmap_swaps_only() {
+        let w = Watched {
+            policies: PathBuf::from("/etc/sy/policies"),
+            config_file: Some((PathBuf::from("/etc/sy"), "gateway.yaml".into())),
+        };
+        assert!(w.matters(Path::new("/etc/sy/policies/digits.yaml")));
+        assert!(w.matters(Path::new("/etc/sy/policies/.digits.yaml.swp")));
+        assert!(w.matters(Path::new("/etc/sy/gateway.yaml")));
+        assert!(w.matters(Path::new("/etc/sy/..data")));
+        assert!(w.matters(Path::new("/etc/sy/..data_tmp")));
+        assert!(!w.matters(Path::new("/etc/sy/notes.txt")));
+        assert!(!w.matters(Path::new("/etc/sy/.switchyard/rollout-digits.json")));
+        assert!(!w.matters(Path::new("/elsewhere/gateway.yaml")));
+    }
 
     fn t(name: &str, datatype: &str, shape: &[i64]) -> TensorMetadata {
         TensorMetadata {

@@ -77,6 +77,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
                     "files": snapshot.files,
                     "routes": routes,
                     "last_reload": last,
+                    "watching": **shared.reloads.watching.load(),
                 }),
             )
         }
