@@ -102,6 +102,12 @@ pub struct BackendConfig {
     /// How often endpoint host names are resolved again. Default 5s.
     #[serde(default)]
     pub resolve_interval: Option<HumanDuration>,
+    /// The load at which an endpoint is full: this gateway's calls in flight to it (plus
+    /// its scraped queue depth under `queue_aware`). When every endpoint is full, a
+    /// target with an `overflow` sends its requests there and other requests are shed
+    /// by priority class. Default: no limit (the backends' own queues refuse).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 impl BackendConfig {

@@ -118,6 +118,12 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
                 _ => {}
             }
         }
+        if b.max_in_flight == Some(0) {
+            problems.push(at(
+                format!("backends.{name}.max_in_flight"),
+                "max_in_flight must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
         for (what, d) in [
             ("scrape_interval", b.scrape_interval),
             ("resolve_interval", b.resolve_interval),

@@ -71,6 +71,27 @@ pub struct PolicyFile {
     /// step by step, while gates compare it with the baseline; a failed gate rolls it back.
     #[serde(default)]
     pub rollout: Option<At<RolloutConfig>>,
+    /// Priority classes read from a request header: when a target's pool is full and it
+    /// has no overflow (or that is full too), the lowest class is refused first.
+    #[serde(default)]
+    pub priority: Option<At<PriorityConfig>>,
+}
+
+/// Priority classes of a route's requests.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityConfig {
+    /// The request header naming the class (`x-priority`).
+    pub header: String,
+    /// The classes, lowest first (`[batch, standard, interactive]`); 1 to 8. Class `i`
+    /// of `n` may fill an endpoint to `max_in_flight × (1 + i/n)` of its pool, so when
+    /// everything is full the lowest is refused first (429 / RESOURCE_EXHAUSTED with
+    /// `Retry-After`), the highest last.
+    pub classes: Vec<String>,
+    /// The class of a request without the header (or with a value not in `classes`).
+    /// Default: the lowest.
+    #[serde(default)]
+    pub default: Option<String>,
 }
 
 /// A canary rollout of one route: ramp `candidate` through `steps` of `baseline`'s
@@ -232,6 +253,11 @@ pub struct TargetConfig {
     /// A release label (`v1.2.3`) that clients may name in `model_version`.
     #[serde(default)]
     pub release: Option<String>,
+    /// A target or plan that takes this target's requests when its pool is full: the
+    /// backend answered RESOURCE_EXHAUSTED (or UNAVAILABLE from a full queue, as Triton
+    /// says it), or every endpoint is at its pool's `max_in_flight`.
+    #[serde(default)]
+    pub overflow: Option<At<String>>,
 }
 
 /// A header rule.

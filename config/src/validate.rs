@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::diagnostic::Diagnostic;
 use crate::gateway::GatewayConfig;
 use crate::policy::{
-    Combine, HeaderMatchConfig, PlanConfig, PolicyFile, RolloutConfig, RuleConfig,
+    Combine, HeaderMatchConfig, PlanConfig, PolicyFile, PriorityConfig, RolloutConfig, RuleConfig,
 };
 use crate::rules;
 use crate::units::At;
@@ -132,6 +132,7 @@ pub fn validate_policy(
         check_plan(&format!("plans.{name}"), plan, &names, &mut at);
     }
     check_plan_cycles(policy, &mut at);
+    check_overflow(policy, &names, &mut at);
     for (i, rule) in policy.rules.iter().enumerate() {
         check_rule(&format!("rules[{i}]"), rule, &mut at);
         check_plan(&format!("rules[{i}].plan"), &rule.plan, &names, &mut at);
@@ -221,6 +222,9 @@ pub fn validate_policy(
                 format!("target '{}' is listed twice", f.value),
             );
         }
+    }
+    if let Some(p) = &policy.priority {
+        check_priority(p, &mut at);
     }
     if let Some(d) = &policy.deadline
         && let Err(e) = rules::within("deadline", d.value.0, rules::MAX_DEADLINE)
@@ -899,6 +903,124 @@ pub(crate) fn all_plans(policy: &PolicyFile) -> Vec<At<PlanConfig>> {
         });
     }
     plans
+}
+
+/// A target's `overflow` names another target or plan, and overflows never lead back
+/// to where they started (a full pool would send a request round in a circle).
+fn check_overflow(
+    policy: &PolicyFile,
+    names: &[&str],
+    at: &mut impl FnMut(u64, u64, String, String),
+) {
+    for (name, target) in &policy.targets {
+        let Some(o) = &target.value.overflow else {
+            continue;
+        };
+        let path = format!("targets.{name}.overflow");
+        if !names.contains(&o.value.as_str()) {
+            at(o.line, o.column, path, unknown_target(&o.value, names));
+        } else if o.value == *name {
+            at(
+                o.line,
+                o.column,
+                path,
+                format!("target '{name}' cannot overflow to itself"),
+            );
+        }
+    }
+    // Targets lead to their overflow, plans to what they name: a cycle with a target in
+    // it goes through an overflow (cycles of plans alone are reported as such).
+    let edges = |node: &str| -> Vec<String> {
+        if let Some(t) = policy.targets.get(node) {
+            return t.value.overflow.iter().map(|o| o.value.clone()).collect();
+        }
+        let mut refs = Vec::new();
+        if let Some(p) = policy.plans.get(node) {
+            plan_refs(&p.value, &mut refs);
+        }
+        refs
+    };
+    let overflowing: Vec<String> = policy
+        .targets
+        .iter()
+        .filter(|(_, t)| t.value.overflow.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for cycle in find_cycles(&overflowing, &edges) {
+        let Some(start) = cycle.iter().find(|n| policy.targets.contains_key(*n)) else {
+            continue;
+        };
+        let Some(o) = &policy.targets[start].value.overflow else {
+            continue;
+        };
+        if cycle.len() <= 2 {
+            continue; // a target overflowing to itself, reported above
+        }
+        at(
+            o.line,
+            o.column,
+            format!("targets.{start}.overflow"),
+            format!(
+                "overflows lead back to where they start: {}",
+                cycle.join(" -> ")
+            ),
+        );
+    }
+}
+
+/// The most priority classes a route may define.
+pub const MAX_PRIORITY_CLASSES: usize = 8;
+
+fn check_priority(p: &At<PriorityConfig>, at: &mut impl FnMut(u64, u64, String, String)) {
+    let (line, column) = (p.line, p.column);
+    let c = &p.value;
+    if !rules::valid_header_name(&c.header) {
+        at(
+            line,
+            column,
+            "priority.header".into(),
+            format!("'{}' is not an HTTP header name", c.header),
+        );
+    }
+    if c.classes.is_empty() || c.classes.len() > MAX_PRIORITY_CLASSES {
+        at(
+            line,
+            column,
+            "priority.classes".into(),
+            format!(
+                "give 1 to {MAX_PRIORITY_CLASSES} classes, lowest first; got {}",
+                c.classes.len()
+            ),
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, class) in c.classes.iter().enumerate() {
+        if class.is_empty() || !class.bytes().all(|b| b.is_ascii_graphic()) {
+            at(
+                line,
+                column,
+                format!("priority.classes[{i}]"),
+                format!("'{class}' is not a header value: use visible ASCII characters, no spaces"),
+            );
+        } else if !seen.insert(class) {
+            at(
+                line,
+                column,
+                format!("priority.classes[{i}]"),
+                format!("class '{class}' is listed twice"),
+            );
+        }
+    }
+    if let Some(d) = &c.default
+        && !c.classes.contains(d)
+    {
+        at(
+            line,
+            column,
+            "priority.default".into(),
+            format!("'{d}' is not one of the classes: {}", c.classes.join(", ")),
+        );
+    }
 }
 
 /// Named plans that refer to each other in a circle.

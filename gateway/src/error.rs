@@ -59,6 +59,11 @@ pub(crate) enum GatewayError {
     /// Calling the backend failed and no retry was possible.
     #[error("route '{route}': upstream failure: {reason}")]
     UpstreamFailed { route: String, reason: String },
+    /// The target's pool is full (every endpoint at its `max_in_flight` for the
+    /// request's priority class, or the backends answered that their queues are full)
+    /// and no overflow took the request.
+    #[error("route '{route}': {detail}; retry shortly")]
+    Saturated { route: String, detail: String },
 }
 
 impl From<WireError> for GatewayError {
@@ -86,6 +91,7 @@ impl GatewayError {
             | Self::Deadline { route, .. }
             | Self::UpstreamFailed { route, .. }
             | Self::ReplyTooLarge { route, .. }
+            | Self::Saturated { route, .. }
                 if route.is_empty() =>
             {
                 name.clone_into(route);
@@ -103,7 +109,8 @@ impl GatewayError {
             | Self::BadRequest(m)
             | Self::NoTarget { detail: m, .. }
             | Self::UpstreamFailed { reason: m, .. }
-            | Self::ReplyTooLarge { detail: m, .. } => *m = format!("{what}: {m}"),
+            | Self::ReplyTooLarge { detail: m, .. }
+            | Self::Saturated { detail: m, .. } => *m = format!("{what}: {m}"),
             Self::Deadline { detail, .. } => *detail = format!(" in {what}{detail}"),
             _ => {}
         }
@@ -130,12 +137,18 @@ impl GatewayError {
             // gRPC's own code for a message over a size limit; the gateway's fault to the
             // HTTP client, as a reply it would not take.
             Self::ReplyTooLarge { .. } => (502, code::RESOURCE_EXHAUSTED),
+            Self::Saturated { .. } => (429, code::RESOURCE_EXHAUSTED),
         };
         Rescued {
             http,
             grpc,
             message: self.to_string(),
         }
+    }
+
+    /// `Retry-After` (seconds) for a refusal the client should retry shortly.
+    pub(crate) fn retry_after(&self) -> Option<&'static str> {
+        matches!(self, Self::Overloaded { .. } | Self::Saturated { .. }).then_some("1")
     }
 
     /// The `result` label of the request metrics.
@@ -149,6 +162,7 @@ impl GatewayError {
                 ..
             } => Outcome::DeadlineExceeded,
             Self::UpstreamFailed { .. } => Outcome::UpstreamError,
+            Self::Saturated { .. } => Outcome::Shed,
             Self::Upstream { code: c, .. } if is_upstream_failure(*c) => Outcome::UpstreamError,
             _ => Outcome::ClientError,
         }
@@ -163,15 +177,18 @@ pub(crate) enum Outcome {
     UpstreamError = 2,
     Unavailable = 3,
     DeadlineExceeded = 4,
+    /// Refused because its pool was full (by priority class).
+    Shed = 5,
 }
 
 impl Outcome {
-    pub(crate) const ALL: [Outcome; 5] = [
+    pub(crate) const ALL: [Outcome; 6] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
         Outcome::Unavailable,
         Outcome::DeadlineExceeded,
+        Outcome::Shed,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -181,6 +198,7 @@ impl Outcome {
             Self::UpstreamError => "upstream_error",
             Self::Unavailable => "unavailable",
             Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Shed => "shed",
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::Shared;
 use crate::error::GatewayError;
 use crate::grpc::infer::InferMessage;
-use crate::routing::{Decision, Plan, PlanId, Reason, remix};
+use crate::routing::{Class, Decision, Plan, PlanId, Reason, remix};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{self, Answer, AnsweredBy, Invoker, Verdict, tensors};
 use crate::upstream::Upstreams;
@@ -39,6 +39,8 @@ pub(crate) struct Executor<'a> {
     pub(crate) deadline: Deadline,
     /// Whether this runs a shadow copy (marked for the backends).
     pub(crate) shadow: bool,
+    /// The request's priority class: how full an endpoint may be for it.
+    pub(crate) class: Class,
     depth: u8,
 }
 
@@ -64,6 +66,11 @@ impl<'a> Executor<'a> {
             random,
             deadline,
             shadow: false,
+            class: entry
+                .route
+                .priority
+                .as_ref()
+                .map_or(Class::ONLY, |p| p.class(request.1)),
             depth: 0,
         }
     }
@@ -71,7 +78,7 @@ impl<'a> Executor<'a> {
     /// Runs a top-level decision: a target with the route's fallbacks, anything else by
     /// its strategy. A failure names the target last tried, when one was.
     pub(crate) async fn decided(&self, decision: &Decision) -> Result<Answer, Failure> {
-        match decision.target {
+        let result = match decision.target {
             Some(_) => self.target(decision, self.deadline, true).await,
             // A strategy's future is boxed: a single target's path does not carry the
             // size of every strategy's state (futures are moved whole).
@@ -81,7 +88,16 @@ impl<'a> Executor<'a> {
                     error,
                     target: None,
                 }),
+        };
+        if let Err(Failure {
+            error: GatewayError::Saturated { .. },
+            ..
+        }) = &result
+            && let Some(shed) = self.entry.metrics.shed.get(usize::from(self.class.index))
+        {
+            shed.inc();
         }
+        result
     }
 
     async fn target(
@@ -93,8 +109,9 @@ impl<'a> Executor<'a> {
         let options = Options {
             fallback,
             shadow: self.shadow,
+            class: self.class,
         };
-        let a = attempt::infer(
+        let result = attempt::infer(
             self.upstream,
             self.entry,
             decision,
@@ -102,7 +119,11 @@ impl<'a> Executor<'a> {
             deadline,
             options,
         )
-        .await?;
+        .await;
+        let a = match result {
+            Ok(a) => a,
+            Err(failure) => return self.overflow(failure, deadline).await,
+        };
         Ok(Answer {
             response: a.response,
             by: AnsweredBy::Target(a.target),
@@ -111,6 +132,38 @@ impl<'a> Executor<'a> {
             degraded: decision.target != Some(a.target),
             pipeline: None,
             switch: None,
+            overflow: None,
+        })
+    }
+
+    /// A target whose pool is full hands the request to its overflow plan, if it has one;
+    /// any other failure stands.
+    async fn overflow(&self, failure: Failure, deadline: Deadline) -> Result<Answer, Failure> {
+        let (GatewayError::Saturated { .. }, Some(full)) = (&failure.error, failure.target) else {
+            return Err(failure);
+        };
+        let Some(plan) = self.entry.route.target(full).overflow else {
+            return Err(failure);
+        };
+        if self.depth >= MAX_ROUTE_DEPTH {
+            return Err(failure);
+        }
+        self.entry.target(full).metrics.overflow.inc();
+        let inner = Self {
+            depth: self.depth + 1,
+            ..*self
+        };
+        // Boxed: the overflow may be any plan, this target's own path included.
+        let answer = Box::pin(inner.plan(plan, deadline.at))
+            .await
+            .map_err(|error| Failure {
+                error,
+                target: Some(full),
+            })?;
+        Ok(Answer {
+            degraded: true,
+            overflow: Some(full),
+            ..answer
         })
     }
 
@@ -189,6 +242,7 @@ impl<'a> Executor<'a> {
                             degraded: c.degraded,
                             pipeline: None,
                             switch: None,
+                            overflow: None,
                         })
                     }
                     Err(e) => {
@@ -357,6 +411,8 @@ impl ShadowCopy {
     pub(crate) async fn run(self, plan: PlanId) -> Result<Answer, GatewayError> {
         let exec = Executor {
             shadow: true,
+            // A shadow copy gets the lowest class's room: a full pool refuses it first.
+            class: Class::ONLY,
             ..Executor::new(
                 &self.shared,
                 &self.snapshot,

@@ -32,10 +32,15 @@ pub(crate) enum Attempt {
     Timeout = 5,
     /// Skipped: the breaker is open.
     BreakerOpen = 6,
+    /// The backend answered that it is full (RESOURCE_EXHAUSTED, or UNAVAILABLE from a
+    /// full queue): counted neither healthy nor unhealthy.
+    Full = 7,
+    /// Not sent: every endpoint of the pool was at its `max_in_flight`.
+    Saturated = 8,
 }
 
 impl Attempt {
-    pub(crate) const ALL: [Attempt; 7] = [
+    pub(crate) const ALL: [Attempt; 9] = [
         Attempt::Ok,
         Attempt::Rejected,
         Attempt::Failed,
@@ -43,6 +48,8 @@ impl Attempt {
         Attempt::TransportError,
         Attempt::Timeout,
         Attempt::BreakerOpen,
+        Attempt::Full,
+        Attempt::Saturated,
     ];
 
     fn label(self) -> &'static str {
@@ -54,6 +61,8 @@ impl Attempt {
             Self::TransportError => "transport_error",
             Self::Timeout => "timeout",
             Self::BreakerOpen => "breaker_open",
+            Self::Full => "full",
+            Self::Saturated => "saturated",
         }
     }
 }
@@ -66,6 +75,8 @@ pub struct Metrics {
     duration: HistogramVec,
     attempts: IntCounterVec,
     retries: IntCounterVec,
+    overflow: IntCounterVec,
+    priority_shed: IntCounterVec,
     pub(crate) retry_budget_exhausted: IntCounter,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
@@ -201,6 +212,18 @@ impl Metrics {
                 "switchyard_retries_total",
                 "Retries and fallbacks by route and reason",
                 &["route", "reason"],
+            ),
+            overflow: counter(
+                &r,
+                "switchyard_overflow_total",
+                "Requests a full target sent to its overflow plan, by route and target",
+                &["route", "target"],
+            ),
+            priority_shed: counter(
+                &r,
+                "switchyard_priority_shed_total",
+                "Requests refused because their target's pool was full, by route and priority class",
+                &["route", "class"],
             ),
             breaker_state: gauge(
                 &r,
@@ -564,11 +587,18 @@ impl Metrics {
             }),
             attempts: Attempt::ALL
                 .map(|a| self.attempts.with_label_values(&[route, target, a.label()])),
+            overflow: self.overflow.with_label_values(&[route, target]),
         }
     }
 
-    pub(crate) fn route(&self, route: &str) -> RouteMetrics {
+    /// Handles of one route; `classes` are its priority classes (`default` when it has
+    /// none).
+    pub(crate) fn route(&self, route: &str, classes: &[&str]) -> RouteMetrics {
         RouteMetrics {
+            shed: classes
+                .iter()
+                .map(|c| self.priority_shed.with_label_values(&[route, c]))
+                .collect(),
             unrouted: self.target(route, "-"),
             retry_connect: self.retries.with_label_values(&[route, "connect_failure"]),
             retry_after_send: self.retries.with_label_values(&[route, "after_send"]),
@@ -587,9 +617,11 @@ impl Default for Metrics {
 /// Handles of one (route, target).
 #[derive(Debug, Clone)]
 pub(crate) struct TargetMetrics {
-    requests: [[IntCounter; 5]; 2],
-    duration: [[Histogram; 5]; 2],
-    attempts: [IntCounter; 7],
+    requests: [[IntCounter; 6]; 2],
+    duration: [[Histogram; 6]; 2],
+    /// Requests this target sent to its overflow plan.
+    pub(crate) overflow: IntCounter,
+    attempts: [IntCounter; 9],
 }
 
 impl TargetMetrics {
@@ -724,4 +756,6 @@ pub(crate) struct RouteMetrics {
     pub(crate) retry_after_send: IntCounter,
     pub(crate) fallback_breaker: IntCounter,
     pub(crate) budget_exhausted: IntCounter,
+    /// Requests shed by priority class (index of the route's classes).
+    pub(crate) shed: Box<[IntCounter]>,
 }

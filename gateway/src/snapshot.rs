@@ -135,6 +135,8 @@ pub(crate) struct TargetEntry {
     pub(crate) pool: Arc<Pool>,
     /// `x-switchyard-target`: `model/version`.
     pub(crate) label_header: HeaderValue,
+    /// The policy's name for it (`x-switchyard-overflow`).
+    pub(crate) name_header: HeaderValue,
     pub(crate) metrics: TargetMetrics,
 }
 
@@ -229,6 +231,7 @@ impl Snapshot {
                         state,
                         pool,
                         label_header: header(&t.label),
+                        name_header: header(&t.name),
                         metrics: metrics.target(&route.name, &t.label),
                     })
                 })
@@ -351,7 +354,12 @@ impl Snapshot {
             let entry = RouteEntry {
                 rollout,
                 name_header: header(&route.name),
-                metrics: metrics.route(&route.name),
+                metrics: {
+                    let classes: Vec<&str> = route.priority.as_ref().map_or(vec!["default"], |p| {
+                        p.classes.iter().map(|c| &**c).collect()
+                    });
+                    metrics.route(&route.name, &classes)
+                },
                 route: route.clone(),
                 targets,
                 plans,

@@ -82,6 +82,8 @@ pub(crate) struct ReplyHeaders {
     pub(crate) pipeline: Option<HeaderValue>,
     /// `x-switchyard-switch`: the case a switch took and its plan.
     pub(crate) switch: Option<HeaderValue>,
+    /// `x-switchyard-overflow`: the full target whose overflow plan answered.
+    pub(crate) overflow: Option<HeaderValue>,
     /// `retry-after` (seconds), when the request was shed.
     pub(crate) retry_after: Option<&'static str>,
 }
@@ -97,6 +99,7 @@ impl ReplyHeaders {
             (&ROLLOUT, &self.rollout),
             (&PIPELINE, &self.pipeline),
             (&SWITCH, &self.switch),
+            (&OVERFLOW, &self.overflow),
         ] {
             if let Some(v) = value {
                 f(name, v.clone());
@@ -156,6 +159,7 @@ mod names {
     pub(super) static ROLLOUT: Named = named("x-switchyard-rollout");
     pub(super) static PIPELINE: Named = named("x-switchyard-pipeline");
     pub(super) static SWITCH: Named = named("x-switchyard-switch");
+    pub(super) static OVERFLOW: Named = named("x-switchyard-overflow");
     pub(super) static RETRY_AFTER: Named = named("retry-after");
 }
 

@@ -315,6 +315,9 @@ fn finish(
             if let Some(p) = answer.pipeline {
                 said.pipeline = entry.pipeline(p).map(|r| r.header.clone());
             }
+            if let Some(t) = answer.overflow {
+                said.overflow = Some(entry.target(t).name_header.clone());
+            }
             if let Some((p, case)) = answer.switch {
                 said.switch = entry
                     .switch(p)
@@ -333,6 +336,9 @@ fn finish(
                 (None, None) => &entry.metrics.unrouted,
             };
             metrics.finish(protocol, failure.error.outcome(), seconds);
+            if let Some(after) = failure.error.retry_after() {
+                said.retry_after = Some(after);
+            }
             tracing::debug!(route = %entry.route.name, error = %failure.error, "inference failed");
         }
     }

@@ -14,8 +14,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::rollout::{Gates, RolloutSpec};
 use super::{
-    Accept, CacheSpec, Case, Ensemble, HeaderMatcher, Mapping, Pipeline, Plan, PlanId, RetryPolicy,
-    Route, RoutingTable, Rule, Shadow, Source, Split, Stage, Step, Switch, Target, TargetId, When,
+    Accept, CacheSpec, Case, Ensemble, HeaderMatcher, Mapping, Pipeline, Plan, PlanId, Priority,
+    RetryPolicy, Route, RoutingTable, Rule, Shadow, Source, Split, Stage, Step, Switch, Target,
+    TargetId, When,
 };
 
 /// Loads and compiles policies as a reload would, for `switchyard check` and `explain`.
@@ -416,6 +417,7 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
                 version,
                 release: t.release.as_deref().map(Into::into),
                 label: label.into(),
+                overflow: None,
             }
         })
         .collect();
@@ -484,6 +486,17 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
         None => None,
         Some(r) => Some(compile_rollout(&r.value, &p.route.value, &mut arena)?),
     };
+    let mut targets = targets;
+    for (i, t) in p.targets.values().enumerate() {
+        if let Some(o) = &t.value.overflow {
+            targets[i].overflow = Some(arena.named(&o.value)?);
+        }
+    }
+    let priority = p
+        .priority
+        .as_ref()
+        .map(|c| compile_priority(&c.value))
+        .transpose()?;
     let plan_names = plan_names(&targets, &arena.plans, &named_plans);
     let route = Route {
         name: p.route.value.as_str().into(),
@@ -537,8 +550,35 @@ fn compile_route(loaded: &LoadedPolicy, gateway: &GatewayConfig) -> Result<Route
             .transpose()?,
         fingerprint: 0,
         rollout,
+        priority,
     };
     Ok(route)
+}
+
+fn compile_priority(
+    c: &switchyard_config::policy::PriorityConfig,
+) -> Result<Priority, CompileError> {
+    let header = HeaderName::from_bytes(c.header.as_bytes())
+        .map_err(|e| invalid("priority.header")(e.to_string()))?;
+    if c.classes.is_empty() || c.classes.len() > switchyard_config::validate::MAX_PRIORITY_CLASSES {
+        return Err(invalid("priority.classes")(
+            "give 1 to 8 classes, lowest first".into(),
+        ));
+    }
+    let default = match &c.default {
+        None => 0,
+        Some(d) => c
+            .classes
+            .iter()
+            .position(|x| x == d)
+            .ok_or_else(|| invalid("priority.default")(format!("'{d}' is not a class")))?
+            as u8,
+    };
+    Ok(Priority {
+        header,
+        classes: c.classes.iter().map(|c| Arc::from(c.as_str())).collect(),
+        default,
+    })
 }
 
 /// Compiles a rollout section; its generation is set once the plans are keyed.

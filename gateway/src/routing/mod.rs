@@ -50,6 +50,8 @@ pub struct Target {
     pub release: Option<Arc<str>>,
     /// `model/version` for the `x-switchyard-target` header and metric labels.
     pub label: Arc<str>,
+    /// The plan that takes this target's requests when its pool is full.
+    pub overflow: Option<PlanId>,
 }
 
 /// A confidence test on one output of a cascade stage's answer.
@@ -258,6 +260,56 @@ pub struct Route {
     pub fingerprint: u64,
     /// The canary rollout, if any.
     pub rollout: Option<rollout::RolloutSpec>,
+    /// Priority classes of its requests, if any (else every request is one class).
+    pub priority: Option<Priority>,
+}
+
+/// A request's priority class: `index` of `of` (0 the lowest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    /// Its place among the route's classes, 0 the lowest.
+    pub index: u8,
+    /// How many classes the route has.
+    pub of: u8,
+}
+
+impl Class {
+    /// A route without classes: its one class fills endpoints to `max_in_flight`.
+    pub const ONLY: Class = Class { index: 0, of: 1 };
+
+    /// The load at which an endpoint is full for this class when the pool's limit is
+    /// `limit`: `limit × (1 + index/of)`, so the lowest class stops at the limit and each
+    /// higher one may go further into the headroom above it.
+    pub fn limit(self, limit: u64) -> u64 {
+        limit + limit * u64::from(self.index) / u64::from(self.of.max(1))
+    }
+}
+
+/// A route's priority classes, read from one request header.
+#[derive(Debug, Clone)]
+pub struct Priority {
+    /// The request header that names the class.
+    pub header: http::HeaderName,
+    /// Class names, lowest first.
+    pub classes: Box<[Arc<str>]>,
+    /// The class of a request without the header or with an unknown value.
+    pub default: u8,
+}
+
+impl Priority {
+    /// The class `headers` ask for.
+    pub fn class(&self, headers: &http::HeaderMap) -> Class {
+        let of = self.classes.len() as u8;
+        let index = headers
+            .get(&self.header)
+            .and_then(|v| {
+                self.classes
+                    .iter()
+                    .position(|c| c.as_bytes() == v.as_bytes())
+            })
+            .map_or(self.default, |i| i as u8);
+        Class { index, of }
+    }
 }
 
 /// Why a decision came out as it did.

@@ -317,6 +317,7 @@ mod tests {
             degraded: false,
             pipeline: None,
             switch: None,
+            overflow: None,
         }
     }
 
@@ -443,6 +444,7 @@ mod tests {
             degraded: true,
             pipeline: None,
             switch: None,
+            overflow: None,
             ..answer(n)
         }
     }

@@ -44,6 +44,8 @@ pub(crate) struct Answer {
     /// The switch that chose the plan that answered and the case it took (`cases.len()`
     /// for its default), when one did (`x-switchyard-switch`).
     pub(crate) switch: Option<(PlanId, u16)>,
+    /// The target that was full, when its overflow plan answered (`x-switchyard-overflow`).
+    pub(crate) overflow: Option<TargetId>,
 }
 
 /// Who answered, by identity within the request's route.
@@ -384,6 +386,7 @@ pub(crate) mod tests {
                         degraded: false,
                         pipeline: None,
                         switch: None,
+                        overflow: None,
                     }),
                     Err(e) => Err(GatewayError::Upstream {
                         code: 14,

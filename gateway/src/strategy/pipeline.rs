@@ -321,6 +321,7 @@ pub(crate) async fn pipeline(
             degraded,
             pipeline: Some(plan),
             switch: None,
+            overflow: None,
         },
         labels,
     })

@@ -164,6 +164,7 @@ mod tests {
             degraded: false,
             pipeline: None,
             switch: None,
+            overflow: None,
         }
     }
 

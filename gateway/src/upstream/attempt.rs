@@ -24,7 +24,7 @@ use crate::grpc::MODEL_INFER;
 use crate::grpc::infer::InferMessage;
 use crate::grpc::status::code;
 use crate::metrics::Attempt;
-use crate::routing::{Decision, TargetId};
+use crate::routing::{Class, Decision, TargetId};
 use crate::snapshot::RouteEntry;
 
 /// A backend's timeout (or a client leaving) this close to the request's deadline is
@@ -112,6 +112,9 @@ pub(crate) enum Attempted {
     Refused(GatewayError),
     /// The deadline passed: answer with it, no retry.
     Expired(GatewayError),
+    /// The backend is full and did not run the request (RESOURCE_EXHAUSTED, or
+    /// UNAVAILABLE from a full queue): another endpoint or the overflow may take it.
+    Full(String),
     /// The target failed; `sent` says whether the request may have reached it (then only
     /// idempotent routes retry), `gone` whether the connection failed (refused, reset,
     /// closed) rather than the backend answering with an error.
@@ -218,6 +221,8 @@ pub(crate) fn classify(
     } = reply;
     match status {
         code::OK => done(Answered(body), Health::Healthy, Attempt::Ok),
+        // A full backend is a busy one, not a broken one: its breaker hears nothing.
+        s if says_full(s, &message) => done(Full(message), Health::Unknown, Attempt::Full),
         code::INTERNAL if message.starts_with(DECODE_REJECTION) => {
             // The backend could not parse what the client sent: the client's fault, and
             // it says nothing of the backend's health.
@@ -266,6 +271,19 @@ pub(crate) fn classify(
     }
 }
 
+/// Whether a backend's status says its queue is full, so it did not run the request:
+/// RESOURCE_EXHAUSTED (the bundled backend's `--max-queue-bytes`), unless it is about a
+/// message over a size limit, which another endpoint would refuse as well; or UNAVAILABLE
+/// from a full queue (Triton's "Exceeds maximum queue size").
+fn says_full(status: i32, message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    match status {
+        code::RESOURCE_EXHAUSTED => !(m.contains("too large") || m.contains("larger than")),
+        code::UNAVAILABLE => m.contains("queue") && (m.contains("full") || m.contains("exceeds")),
+        _ => false,
+    }
+}
+
 /// How one inference runs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Options {
@@ -274,6 +292,8 @@ pub(crate) struct Options {
     pub(crate) fallback: bool,
     /// Whether this is a shadow copy (marked for the backend).
     pub(crate) shadow: bool,
+    /// The request's priority class: how full an endpoint may be for it.
+    pub(crate) class: Class,
 }
 
 /// A successful inference: which target answered and its `ModelInferResponse` bytes.
@@ -371,6 +391,41 @@ pub(crate) async fn infer<C: Call>(
                 }
             }
         };
+        // A pool with `max_in_flight`: a full endpoint passes the call to one with room.
+        // A target with an overflow spills at the limit itself; one without takes each
+        // class up to its share of the headroom above it, then refuses it.
+        let spill = spec.overflow.is_some();
+        let class = options.class;
+        let endpoint = match target
+            .pool
+            .room(endpoint, |max| if spill { max } else { class.limit(max) })
+        {
+            Ok(e) => e,
+            Err(limit) => {
+                target.metrics.attempt(Attempt::Saturated);
+                let detail = format!(
+                    "{}: every endpoint of pool '{}' has {limit} calls in flight (its max_in_flight{})",
+                    spec.name,
+                    target.pool.name,
+                    if spill || class.of == 1 {
+                        String::new()
+                    } else {
+                        format!(" for priority class {} of {}", class.index + 1, class.of)
+                    }
+                );
+                if attempts == 0 && !other_endpoint {
+                    return Err(Failure {
+                        error: GatewayError::Saturated {
+                            route: route.name.to_string(),
+                            detail,
+                        },
+                        target: Some(target_id),
+                    });
+                }
+                skipped.push(detail);
+                continue;
+            }
+        };
         let Some(admission) = target.state.breaker.admit() else {
             target.metrics.attempt(Attempt::BreakerOpen);
             entry.metrics.fallback_breaker.inc();
@@ -442,6 +497,25 @@ pub(crate) async fn infer<C: Call>(
                 return Ok(Answer {
                     target: target_id,
                     response,
+                });
+            }
+            Attempted::Full(message) => {
+                // Not run there: another endpoint of the pool may have room (nothing was
+                // executed, so any route may go again); else the pool is full.
+                tried.push(Arc::as_ptr(&endpoint) as usize);
+                if target.pool.pick_other(&tried).is_some() {
+                    again = Some(target_id);
+                    continue;
+                }
+                return Err(Failure {
+                    error: GatewayError::Saturated {
+                        route: route.name.to_string(),
+                        detail: format!(
+                            "{}: the backends of pool '{}' are full ({message})",
+                            spec.name, target.pool.name
+                        ),
+                    },
+                    target: Some(target_id),
                 });
             }
             Attempted::Refused(error) | Attempted::Expired(error) => {
@@ -524,6 +598,7 @@ mod tests {
             Attempted::Answered(_) => ("answered", 0),
             Attempted::Refused(e) => ("refused", e.rescue().grpc),
             Attempted::Expired(e) => ("expired", e.rescue().grpc),
+            Attempted::Full(_) => ("full", code::RESOURCE_EXHAUSTED),
             Attempted::Failed {
                 sent: true,
                 gone: true,
@@ -632,6 +707,30 @@ mod tests {
                 status(code::UNAVAILABLE, "draining"),
                 route,
                 ("failed after send", Health::Unhealthy, code::UNAVAILABLE),
+            ),
+            (
+                "a full backend is busy, not broken: its breaker hears nothing",
+                status(
+                    code::RESOURCE_EXHAUSTED,
+                    "the backend's requests hold its limit of 1024 input bytes (--max-queue-bytes); retry later",
+                ),
+                route,
+                ("full", Health::Unknown, code::RESOURCE_EXHAUSTED),
+            ),
+            (
+                "Triton's full queue says UNAVAILABLE; before, it counted against the breaker",
+                status(code::UNAVAILABLE, "Exceeds maximum queue size"),
+                route,
+                ("full", Health::Unknown, code::RESOURCE_EXHAUSTED),
+            ),
+            (
+                "a message over a size limit is the client's, whichever endpoint gets it",
+                status(
+                    code::RESOURCE_EXHAUSTED,
+                    "decoded message length too large: found 9000000 bytes, the limit is: 4194304 bytes",
+                ),
+                route,
+                ("refused", Health::Healthy, code::RESOURCE_EXHAUSTED),
             ),
             (
                 "a connect failure sent nothing",
@@ -809,6 +908,7 @@ mod tests {
             Options {
                 fallback,
                 shadow: false,
+                class: Class::ONLY,
             },
         )
         .await

@@ -131,6 +131,8 @@ pub(crate) struct Members {
     pub(crate) balance: Balance,
     /// A queue reading older than this is ignored (four scrape intervals).
     stale_ms: u64,
+    /// The load at which an endpoint is full (`max_in_flight`), if the pool has one.
+    pub(crate) max_in_flight: Option<u64>,
 }
 
 /// A backend pool: endpoints serving the same models. The pool object lives as long as
@@ -209,6 +211,39 @@ impl Pool {
                 Some(if lb < la { b } else { a }.clone())
             }
         }
+    }
+
+    /// Where a call may go when the pool has a `max_in_flight`: `picked` while its load
+    /// is under `limit(max_in_flight)`, else the least loaded healthy endpoint that is;
+    /// `Err(limit)` when every one is full. A pool without a limit always has room.
+    /// (Only a full `picked` costs a scan of the pool.)
+    pub(crate) fn room(
+        &self,
+        picked: Arc<Endpoint>,
+        limit: impl Fn(u64) -> u64,
+    ) -> Result<Arc<Endpoint>, u64> {
+        let m = self.members.load();
+        let Some(max) = m.max_in_flight else {
+            return Ok(picked);
+        };
+        let limit = limit(max);
+        let queue = (m.balance == Balance::QueueAware).then_some(m.stale_ms);
+        let now = if queue.is_some() {
+            discovery::now_ms()
+        } else {
+            0
+        };
+        if picked.load(queue, now) < limit {
+            return Ok(picked);
+        }
+        m.endpoints
+            .iter()
+            .filter(|e| e.is_healthy())
+            .map(|e| (e.load(queue, now), e))
+            .filter(|(load, _)| *load < limit)
+            .min_by_key(|(load, _)| *load)
+            .map(|(_, e)| e.clone())
+            .ok_or(limit)
     }
 
     /// Whether an endpoint other than `except` (its address) is healthy.
@@ -352,6 +387,7 @@ impl Upstreams {
                 endpoints: Box::new([]),
                 balance: config.balance,
                 stale_ms: 0,
+                max_in_flight: None,
             }),
             next: AtomicUsize::new(0),
             source: Mutex::new(discovery::Source::new(config.clone())),
@@ -411,6 +447,7 @@ impl Upstreams {
             endpoints: endpoints.into(),
             balance: config.balance,
             stale_ms: 4 * config.scrape_every().as_millis() as u64,
+            max_in_flight: config.max_in_flight.map(u64::from),
         }));
         source.update(config.clone(), resolved);
     }
