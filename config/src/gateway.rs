@@ -49,11 +49,48 @@ pub struct GatewayConfig {
     /// restart starts every rollout again at its first step.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// State the gateway replicas share: with `redis`, every replica keeps its rollouts'
+    /// step and gate counters there, so they move through steps together and a rollback
+    /// seen by one is applied by all. Default: none, and each replica runs its own.
+    #[serde(default)]
+    pub shared_state: Option<SharedStateConfig>,
     /// The file this was read from ([`crate::load_gateway_config`] sets it): reloads read
     /// its `backends:` again. Not a field of the file.
     #[serde(skip)]
     #[schemars(skip)]
     pub file: Option<PathBuf>,
+}
+
+/// Where the replicas of a gateway keep what they share.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStateConfig {
+    /// A Redis (or Valkey) server: `redis://host:port`, optionally `redis://host:port/db`
+    /// or with `user:password@`.
+    pub redis: String,
+    /// The prefix of every key written. Default `switchyard`; gateways of different
+    /// deployments sharing one server need different prefixes.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// How often each replica adds its counts and reads the shared state. Default 250ms.
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: HumanDuration,
+    /// How long one exchange with the server may take; a replica that cannot reach it
+    /// keeps its last known step, never promotes, and may still roll back. Default 500ms.
+    #[serde(default = "default_shared_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_prefix() -> String {
+    "switchyard".into()
+}
+
+fn default_sync_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(250))
+}
+
+fn default_shared_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(500))
 }
 
 /// Listen addresses.

@@ -136,6 +136,35 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             }
         }
     }
+    if let Some(shared) = &config.shared_state {
+        let at = |field: String, message: String| Diagnostic::new(file, 0, 0, field, message);
+        if !shared.redis.starts_with("redis://") {
+            problems.push(at(
+                "shared_state.redis".into(),
+                format!(
+                    "'{}' is not a Redis URL: write redis://host:port (rediss:// with TLS is not supported)",
+                    shared.redis
+                ),
+            ));
+        }
+        if shared.prefix.is_empty() || shared.prefix.contains(char::is_whitespace) {
+            problems.push(at(
+                "shared_state.prefix".into(),
+                format!(
+                    "'{}' is not a key prefix: use letters, digits, ':', '-' or '_'",
+                    shared.prefix
+                ),
+            ));
+        }
+        for (what, d) in [
+            ("shared_state.sync_interval", shared.sync_interval),
+            ("shared_state.timeout", shared.timeout),
+        ] {
+            if let Err(e) = rules::within(what, d.0, rules::MAX_PERIOD) {
+                problems.push(at(what.into(), e));
+            }
+        }
+    }
     let periods = [
         (
             "limits.default_deadline",

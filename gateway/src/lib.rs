@@ -215,7 +215,7 @@ impl Gateway {
         let metrics = Metrics::new();
         let upstreams = Arc::new(Upstreams::new(&config, metrics.clone()));
         let policies = load_policies(&config.policies, &config).map_err(StartError::Policies)?;
-        let kept = snapshot::Kept::new(config.state_dir.clone());
+        let kept = snapshot::Kept::new(config.state_dir.clone(), config.shared_state.is_some());
         let table = routing::compile(&policies, &config)
             .map_err(|e| StartError::Policies(e.diagnostics()))?;
         let snapshot = Snapshot::build(1, &table, &upstreams, &upstreams.pools(), &metrics, &kept)
@@ -324,6 +324,12 @@ impl Gateway {
             shared.clone(),
             stop_rx.clone(),
         )));
+        if shared.config.shared_state.is_some() {
+            tasks.push(tokio::spawn(rollout::shared::run(
+                shared.clone(),
+                stop_rx.clone(),
+            )));
+        }
         if shared.config.reload.watch {
             tasks.push(tokio::spawn(reload::watch(shared.clone(), stop_rx.clone())));
         }

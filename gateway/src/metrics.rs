@@ -96,6 +96,10 @@ pub struct Metrics {
     pub(crate) target_ready: IntGaugeVec,
     reloads: IntCounterVec,
     pub(crate) policy_version: IntGauge,
+    /// Whether the last exchange with the shared state (`shared_state`) succeeded.
+    pub(crate) shared_state_up: IntGauge,
+    /// Exchanges with the shared state that failed, by kind (`connect`, `sync`, `transition`).
+    pub(crate) shared_state_errors: IntCounterVec,
     /// By protocol, resolved once.
     pub(crate) in_flight: [IntGauge; 2],
     /// Requests refused over `limits.max_in_flight`, by protocol.
@@ -438,6 +442,19 @@ impl Metrics {
                 "switchyard_rollout_gate_failures_total",
                 "Gate failures that rolled back or paused a rollout, by route and gate (breaker and consecutive_errors included)",
                 &["route", "gate"],
+            ),
+            shared_state_up: gauge(
+                &r,
+                "switchyard_shared_state_up",
+                "1 when the last exchange with the shared state (shared_state.redis) succeeded, 0 when it failed",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            shared_state_errors: counter(
+                &r,
+                "switchyard_shared_state_errors_total",
+                "Failed exchanges with the shared state, by kind (connect, sync, transition)",
+                &["kind"],
             ),
             duration,
             retry_budget_exhausted: budget,

@@ -108,13 +108,17 @@ pub(crate) struct Kept {
     rollouts: Mutex<HashMap<String, Arc<Rollout>>>,
     /// `state_dir` of gateway.yaml: where rollouts keep their state.
     state_dir: Option<std::path::PathBuf>,
+    /// Whether rollouts move through the replicas' shared state (`shared_state`).
+    shared_state: bool,
 }
 
 impl Kept {
-    /// Nothing kept yet; rollouts keep their state under `state_dir`.
-    pub(crate) fn new(state_dir: Option<std::path::PathBuf>) -> Self {
+    /// Nothing kept yet; rollouts keep their state under `state_dir`, and move through
+    /// the replicas' shared state when `shared_state`.
+    pub(crate) fn new(state_dir: Option<std::path::PathBuf>, shared_state: bool) -> Self {
         Self {
             state_dir,
+            shared_state,
             ..Self::default()
         }
     }
@@ -345,6 +349,7 @@ impl Snapshot {
                             spec,
                             metrics.rollout(&route.name),
                             kept.state_dir.as_deref(),
+                            kept.shared_state,
                         );
                         live.insert(route.name.to_string(), r.clone());
                         r

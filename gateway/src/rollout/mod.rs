@@ -13,6 +13,13 @@
 //!   them starts a new one at the first step.
 //! * A restarted gateway resumes the step of the state file of the same generation; an
 //!   unreadable file is reported and the rollout starts at step 1, never further.
+//! * With `shared_state` in gateway.yaml the replicas move together ([`shared`]): each adds
+//!   its counts to the shared ones and judges the step over all of them; a step is taken
+//!   by one compare-and-set on the server, which every replica then follows. A replica
+//!   that cannot reach the server keeps its step and never promotes; it still rolls back
+//!   on what it sees, and tells the others once it can.
+
+pub(crate) mod shared;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -350,6 +357,9 @@ pub(crate) struct StateFile {
     pub(crate) reason: Option<String>,
     #[serde(default)]
     pub(crate) history: Vec<Transition>,
+    /// Transitions so far (what a shared rollout's replicas agree on).
+    #[serde(default)]
+    pub(crate) epoch: u64,
 }
 
 impl StateFile {
@@ -403,6 +413,34 @@ struct Control {
     reason: Option<String>,
     /// A state file that could not be read or written.
     state_error: Option<String>,
+    /// Transitions so far: the shared state's count, which every replica agrees on.
+    epoch: u64,
+    /// A transition made here that the shared state has yet to hear of.
+    pending: Option<Pending>,
+    /// Counter readings last added to the shared counts.
+    pushed: Readings,
+    /// What the last exchange with the shared state said (shared rollouts only).
+    shared: Option<shared::Seen>,
+}
+
+/// A transition made by this replica, to tell the shared state.
+#[derive(Debug, Clone, PartialEq)]
+struct Pending {
+    to: Phase,
+    reason: String,
+    /// The epoch it was made at: it applies only if the shared state is still there
+    /// (a rollback applies anyway).
+    base_epoch: u64,
+    transition: Transition,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Readings {
+    candidate: Counts,
+    baseline: Counts,
+    agreed: u64,
+    disagreed: u64,
 }
 
 /// The live rollout of one route, for one generation.
@@ -423,6 +461,9 @@ pub(crate) struct Rollout {
     control: Mutex<Control>,
     metrics: RolloutMetrics,
     file: Option<PathBuf>,
+    /// Whether the replicas share this rollout (`shared_state`): steps are then taken only
+    /// through the shared state.
+    shared: bool,
 }
 
 fn percent(p: f64) -> String {
@@ -438,6 +479,7 @@ impl Rollout {
         spec: &RolloutSpec,
         metrics: RolloutMetrics,
         state_dir: Option<&Path>,
+        shared: bool,
     ) -> Arc<Self> {
         let n = spec.steps.len();
         let mut headers = Vec::with_capacity(2 * n + 2);
@@ -494,12 +536,13 @@ impl Rollout {
             control: Mutex::new(control),
             metrics: metrics.clone(),
             file: file.clone(),
+            shared,
         };
         let zero = Counts {
             latency: vec![0; BUCKETS],
             ..Counts::default()
         };
-        let control = |started: SystemTime, history: Vec<Transition>, reason| Control {
+        let control = |started: SystemTime, history: Vec<Transition>, reason, epoch| Control {
             step_started: started,
             step_instant: now
                 .1
@@ -513,16 +556,27 @@ impl Rollout {
             history,
             reason,
             state_error: state_error.clone(),
+            epoch,
+            pending: None,
+            pushed: Readings {
+                candidate: zero.clone(),
+                baseline: zero.clone(),
+                ..Readings::default()
+            },
+            shared: shared.then(shared::Seen::default),
         };
         let rollout = match resumed {
             Some(s) => {
                 let started = UNIX_EPOCH + Duration::from_millis(s.step_started_ms);
                 info!(route = %route, phase = %s.phase.label(), "rollout resumed from its state file");
-                this(s.phase, control(started.min(now.0), s.history, s.reason))
+                this(
+                    s.phase,
+                    control(started.min(now.0), s.history, s.reason, s.epoch),
+                )
             }
             None => {
                 let first = Phase::Ramping { step: 0 };
-                let r = this(first, control(now.0, Vec::new(), None));
+                let r = this(first, control(now.0, Vec::new(), None, 0));
                 {
                     let mut c = r.control.lock();
                     c.history.push(Transition {
@@ -638,7 +692,11 @@ impl Rollout {
                 OnFailure::Pause => Phase::Paused { step },
             };
             warn!(route = %self.route, %reason, to = to.label(), "rollout gate failed");
-            self.transition(&mut c, to, format!("gate failed: {reason}"), summary);
+            self.decide(&mut c, to, format!("gate failed: {reason}"), summary);
+            return;
+        }
+        if self.shared {
+            // Steps are taken over every replica's counts, through the shared state.
             return;
         }
         let ended = c.step_instant.elapsed() >= self.spec.interval;
@@ -708,6 +766,7 @@ impl Rollout {
         c.agreed_at = self.agreement.agree.load(Ordering::Relaxed);
         c.disagreed_at = self.agreement.disagree.load(Ordering::Relaxed);
         self.consecutive_errors.store(0, Ordering::Relaxed);
+        c.epoch += 1;
         c.history.push(Transition {
             at_ms: unix_ms(now),
             from: from.label(),
@@ -719,6 +778,33 @@ impl Rollout {
         self.metrics.transition(&from.label(), &to.label());
         self.publish(to);
         self.persist(c);
+    }
+
+    /// A transition this replica decides (a failed gate, an operator's command): made at
+    /// once, and, when the rollout is shared, told to the shared state at the next sync.
+    fn decide(&self, c: &mut Control, to: Phase, reason: String, step: StepSummary) {
+        let base_epoch = c.epoch;
+        self.transition(c, to, reason.clone(), step);
+        if self.shared
+            && let Some(transition) = c.history.last().cloned()
+        {
+            c.pending = Some(Pending {
+                to,
+                reason,
+                base_epoch,
+                transition,
+            });
+        }
+    }
+
+    /// The counters now.
+    fn readings(&self) -> Readings {
+        Readings {
+            candidate: self.candidate.read(),
+            baseline: self.baseline.read(),
+            agreed: self.agreement.agree.load(Ordering::Relaxed),
+            disagreed: self.agreement.disagree.load(Ordering::Relaxed),
+        }
     }
 
     /// The candidate's share in `phase`, in percent, as the policy writes it.
@@ -755,6 +841,7 @@ impl Rollout {
             step_started_ms: unix_ms(c.step_started),
             reason: c.reason.clone(),
             history: c.history.clone(),
+            epoch: c.epoch,
         };
         if let Err(e) = state.write(path) {
             let e = format!("cannot write the rollout state to {}: {e}", path.display());
@@ -791,7 +878,7 @@ impl Rollout {
             }
         };
         info!(route = %self.route, command, to = to.label(), "rollout command");
-        self.transition(&mut c, to, format!("{command} by {who}"), summary);
+        self.decide(&mut c, to, format!("{command} by {who}"), summary);
         Ok(())
     }
 
@@ -846,6 +933,8 @@ impl Rollout {
             "history": c.history,
             "state_file": self.file.as_ref().map(|f| f.display().to_string()),
             "state_error": c.state_error,
+            "epoch": c.epoch,
+            "shared_state": c.shared.as_ref().map(|seen| seen.status(&c)),
         })
     }
 
@@ -1074,6 +1163,7 @@ mod tests {
             step_started_ms: 5,
             reason: Some("pause by admin API".into()),
             history: vec![],
+            epoch: 3,
         };
         let text = serde_json::to_string(&s).unwrap();
         assert!(
