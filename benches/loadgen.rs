@@ -31,8 +31,12 @@
 //! * `pipeline`: the gateway's cost per pipeline step: each step's model called directly,
 //!   the sample `digits-pipeline` route and a single-target route through the gateway,
 //!   interleaved per concurrency and rep (`benches/loadgen/pipeline.rs`).
+//! * `balance`: three replicas of one model behind one pool, one slowed, under each
+//!   balance mode (`round_robin`, `least_request`, `queue_aware`): each replica's share,
+//!   throughput and p50/p99, interleaved; then the reload time of a `backends:` change
+//!   under load (`benches/loadgen/balance.rs`).
 //!
-//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout|pipeline] [--duration 5]
+//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout|pipeline|balance] [--duration 5]
 //! [--warmup 1] [--concurrency 1,8,32] [--pin] [--client loadgen|perf_analyzer] [--reps 1]
 //! [--workers N] [--callgrind 1000]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
@@ -51,6 +55,8 @@ use switchyard_proto::inference::{
 };
 use tonic::transport::Channel;
 
+#[path = "loadgen/balance.rs"]
+mod balance;
 #[path = "loadgen/callgrind.rs"]
 mod callgrind;
 #[path = "loadgen/peers.rs"]
@@ -860,6 +866,9 @@ fn main() {
     }
     if args.scenario == "pipeline" || args.scenario == "all" {
         pipeline::run(&args, &repo, &runtime);
+    }
+    if args.scenario == "balance" || args.scenario == "all" {
+        balance::run(&args, &runtime);
     }
 }
 

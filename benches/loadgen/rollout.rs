@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use super::{Args, Server, callgrind, client, closed_loop, holdout_requests};
 
-const TOKEN: &str = "bench-token";
+pub(super) const TOKEN: &str = "bench-token";
 const MIN_REQUESTS: u64 = 100;
 
 fn now_ms() -> f64 {
@@ -34,7 +34,7 @@ fn now_ms() -> f64 {
 }
 
 /// One HTTP/1.1 request to the admin API: (status, JSON body).
-fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
+pub(super) fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(

@@ -128,9 +128,12 @@ pub struct BackendConfig {
     #[serde(default)]
     pub connect_timeout: Option<HumanDuration>,
     /// How a request picks an endpoint of this pool (after the policy picked the model
-    /// version): `least_request` (default), `queue_aware` or `round_robin`.
+    /// version): `queue_aware`, `least_request` or `round_robin`. Default: `queue_aware`
+    /// when every endpoint names its `metrics`, else `least_request` (the balance
+    /// benchmark: both far ahead of round robin with a slow replica, queue_aware ahead of
+    /// least_request at every concurrency).
     #[serde(default)]
-    pub balance: Balance,
+    pub balance: Option<Balance>,
     /// How often each endpoint's `/metrics` is read for its queue depth
     /// (`nv_inference_pending_request_count`) under `balance: queue_aware`; a reading
     /// older than four intervals is ignored. Default 250ms.
@@ -152,6 +155,18 @@ impl BackendConfig {
     pub fn scrape_every(&self) -> std::time::Duration {
         self.scrape_interval
             .map_or(std::time::Duration::from_millis(250), |d| d.0)
+    }
+
+    /// `balance`, or its default: `queue_aware` when every endpoint says where its
+    /// metrics are, else `least_request`.
+    pub fn balance(&self) -> Balance {
+        self.balance.unwrap_or(
+            if !self.endpoints.is_empty() && self.endpoints.iter().all(|e| e.metrics().is_some()) {
+                Balance::QueueAware
+            } else {
+                Balance::LeastRequest
+            },
+        )
     }
 
     /// `resolve_interval`, or its default.
@@ -454,5 +469,27 @@ impl Default for ReloadConfig {
             watch: true,
             debounce: HumanDuration(std::time::Duration::from_millis(200)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(yaml: &str) -> BackendConfig {
+        crate::parse_yaml(std::path::Path::new("gateway.yaml"), yaml).unwrap()
+    }
+
+    #[test]
+    fn the_default_balance_is_queue_aware_where_every_endpoint_names_its_metrics() {
+        let named = pool(
+            "endpoints: [{ address: \"a:1\", metrics: \":2\" }, { address: \"b:1\", metrics: \"b:2\" }]",
+        );
+        assert_eq!(named.balance(), Balance::QueueAware);
+        let one_without = pool("endpoints: [{ address: \"a:1\", metrics: \":2\" }, \"b:1\"]");
+        assert_eq!(one_without.balance(), Balance::LeastRequest);
+        let chosen =
+            pool("endpoints: [{ address: \"a:1\", metrics: \":2\" }]\nbalance: round_robin");
+        assert_eq!(chosen.balance(), Balance::RoundRobin);
     }
 }

@@ -105,7 +105,7 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
                         format!("'{m}' is not host:port or :port"),
                     ));
                 }
-                None if b.balance == gateway::Balance::QueueAware => problems.push(at(
+                None if b.balance() == gateway::Balance::QueueAware => problems.push(at(
                     field("metrics"),
                     format!(
                         "balance: queue_aware reads every endpoint's queue depth from its /metrics, \

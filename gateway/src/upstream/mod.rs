@@ -385,7 +385,7 @@ impl Upstreams {
             name: name.into(),
             members: ArcSwap::from_pointee(Members {
                 endpoints: Box::new([]),
-                balance: config.balance,
+                balance: config.balance(),
                 stale_ms: 0,
                 max_in_flight: None,
             }),
@@ -445,7 +445,7 @@ impl Upstreams {
             .set(endpoints.len() as i64);
         pool.members.store(Arc::new(Members {
             endpoints: endpoints.into(),
-            balance: config.balance,
+            balance: config.balance(),
             stale_ms: 4 * config.scrape_every().as_millis() as u64,
             max_in_flight: config.max_in_flight.map(u64::from),
         }));
