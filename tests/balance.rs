@@ -87,8 +87,9 @@ async fn least_request_sends_the_slow_replica_clearly_less() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backends_reload_without_a_restart_and_a_bad_edit_keeps_the_pools() {
+/// Two replicas `a` and `b` of model `m` (and their repository), and a gateway whose pool
+/// `p`, which route `r` targets, holds `a` only.
+async fn one_of_two(extra: &str) -> (tempfile::TempDir, TestBackend, TestBackend, TestGateway) {
     let repo = patient_repo("m", 8, 0);
     let (a, b) = (
         TestBackend::start(repo.path()).await,
@@ -101,9 +102,15 @@ async fn backends_reload_without_a_restart_and_a_bad_edit_keeps_the_pools() {
             "version: 1\nroute: r\ntargets:\n  t: { backend: p, model: m, version: 1 }\ndefault: t\n"
                 .into(),
         )],
-        extra: "reload: { watch: false }\n".into(),
+        extra: extra.into(),
     })
     .await;
+    (repo, a, b, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_reload_without_a_restart_and_a_bad_edit_keeps_the_pools() {
+    let (_repo, a, b, gw) = one_of_two("reload: { watch: false }\n").await;
     let file = gw.policy_dir().parent().unwrap().join("gateway.yaml");
     let before = std::fs::read_to_string(&file).unwrap();
     let row = holdout().features[0].clone();
@@ -163,21 +170,7 @@ async fn backends_reload_without_a_restart_and_a_bad_edit_keeps_the_pools() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saving_gateway_yaml_reloads_its_backends_by_itself() {
     // Before, only the policy folder was watched: a `backends:` edit waited for SIGHUP.
-    let repo = patient_repo("m", 8, 0);
-    let (a, b) = (
-        TestBackend::start(repo.path()).await,
-        TestBackend::start(repo.path()).await,
-    );
-    let gw = TestGateway::start(GatewaySetup {
-        backends: vec![("p".into(), vec![a.addr])],
-        policies: vec![(
-            "r.yaml".into(),
-            "version: 1\nroute: r\ntargets:\n  t: { backend: p, model: m, version: 1 }\ndefault: t\n"
-                .into(),
-        )],
-        extra: "reload: { debounce: 100ms }\n".into(),
-    })
-    .await;
+    let (_repo, a, b, gw) = one_of_two("reload: { debounce: 100ms }\n").await;
     let file = gw.policy_dir().parent().unwrap().join("gateway.yaml");
     let before = std::fs::read_to_string(&file).unwrap();
     // The watcher says what it watches once it does (the gateway serves before that).
@@ -240,4 +233,106 @@ async fn saving_gateway_yaml_reloads_its_backends_by_itself() {
     let settled = version().await;
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     assert_eq!(version().await, settled, "no reload without an edit");
+}
+
+/// Calls each of three equal replicas got of 120 requests through a pool of `balance`,
+/// while a client outside the gateway keeps 16 requests waiting at the third.
+async fn calls_with_outside_load(balance: &str) -> Vec<f64> {
+    let repo = patient_repo("m", 64, 20_000);
+    let backends = [
+        TestBackend::start(repo.path()).await,
+        TestBackend::start(repo.path()).await,
+        TestBackend::start(repo.path()).await,
+    ];
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "{{ address: \"{}\", metrics: \"{}\" }}",
+                b.addr, b.metrics_addr
+            )
+        })
+        .collect();
+    let gw = TestGateway::start(GatewaySetup {
+        backends: vec![],
+        policies: vec![(
+            "r.yaml".into(),
+            "version: 1\nroute: r\ntargets:\n  t: { backend: p, model: m, version: 1 }\ndefault: t\n"
+                .into(),
+        )],
+        extra: format!(
+            "  p: {{ endpoints: [{}], balance: {balance}, scrape_interval: 50ms }}\nadmin: {{ token_file: admin-token }}\n",
+            list.join(", ")
+        ),
+    })
+    .await;
+    let row = holdout().features[0].clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut outside = Vec::new();
+    for _ in 0..16 {
+        let mut direct = backends[2].client().await;
+        let (row, stop) = (row.clone(), stop.clone());
+        outside.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                direct
+                    .model_infer(infer_request("m", "1", std::slice::from_ref(&row)))
+                    .await
+                    .expect("the outside client is answered");
+            }
+        }));
+    }
+    // The scrape sees the queue before the gateway's clients start.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = gw.client().await;
+        let row = row.clone();
+        clients.push(tokio::spawn(async move {
+            for _ in 0..30 {
+                client
+                    .model_infer(infer_request("r", "", std::slice::from_ref(&row)))
+                    .await
+                    .expect("every request is answered");
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for o in outside {
+        o.await.unwrap();
+    }
+    let text = gw.metrics().await;
+    backends
+        .iter()
+        .map(|b| {
+            metric(
+                &text,
+                "switchyard_upstream_requests_total",
+                &[("backend", "p"), ("endpoint", &b.addr.to_string())],
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_aware_sees_load_from_outside_the_gateway_and_least_request_does_not() {
+    // The third replica is as fast as the others, but another client keeps its queue full:
+    // only its scraped nv_inference_pending_request_count says so.
+    let blind = calls_with_outside_load("least_request").await;
+    let aware = calls_with_outside_load("queue_aware").await;
+    assert_eq!(blind.iter().sum::<f64>(), 120.0, "{blind:?}");
+    assert_eq!(aware.iter().sum::<f64>(), 120.0, "{aware:?}");
+    assert!(
+        blind[2] >= 20.0,
+        "least_request sees only its own calls, and sends the busy replica its share: {blind:?}"
+    );
+    assert!(
+        aware[2] * 3.0 < blind[2],
+        "queue_aware avoids the replica whose queue is full: {aware:?} against {blind:?}"
+    );
+    eprintln!(
+        "calls per replica, the third busy from outside: least_request {blind:?}, queue_aware {aware:?}"
+    );
 }
