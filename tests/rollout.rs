@@ -89,52 +89,6 @@ fn now_ms() -> f64 {
         * 1000.0
 }
 
-async fn status(gw: &TestGateway, route: &str) -> serde_json::Value {
-    let r = http(
-        gw.admin,
-        "GET",
-        &format!("/admin/rollouts/{route}"),
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
-
-async fn command(gw: &TestGateway, route: &str, verb: &str) -> HttpResponse {
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    http(
-        gw.admin,
-        "POST",
-        &format!("/admin/rollouts/{route}/{verb}"),
-        &[("authorization", auth.as_str())],
-        b"",
-    )
-    .await
-}
-
-/// Polls the rollout's status until `done` holds (at most `limit`).
-async fn until(
-    gw: &TestGateway,
-    route: &str,
-    limit: Duration,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let s = status(gw, route).await;
-        if done(&s) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "waited {limit:?}; the rollout is at {s:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn policy(route: &str, candidate: &str, rollout: &str) -> String {
     format!(
         "version: 1\nroute: {route}\ntargets:\n  stable: {{ backend: stable, model: digits_mlp, version: 1 }}\n  cand: {candidate}\ndefault: stable\nfallback: [stable]\nretry: {{ attempts: 1, idempotent: true }}\ndeadline: 5s\nshadow: {{ target: cand, percent: 100 }}\nrollout:\n{rollout}"
@@ -161,7 +115,7 @@ async fn a_good_candidate_ramps_through_every_step_to_complete() {
         .await;
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, failed, tasks) = drive(&gw, "ramp", 4, stop.clone());
-    let done = until(&gw, "ramp", Duration::from_secs(90), |s| {
+    let done = until_rollout(&gw, "ramp", Duration::from_secs(90), |s| {
         s["state"] == "complete"
     })
     .await;
@@ -235,7 +189,7 @@ async fn a_confidently_wrong_candidate_is_rolled_back_on_shadow_agreement_at_the
         .await;
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, failed, tasks) = drive(&gw, "wrong", 4, stop.clone());
-    let back = until(&gw, "wrong", Duration::from_secs(60), |s| {
+    let back = until_rollout(&gw, "wrong", Duration::from_secs(60), |s| {
         s["state"] == "rolled_back"
     })
     .await;
@@ -323,13 +277,13 @@ async fn a_candidate_whose_backend_dies_is_rolled_back_and_no_client_request_fai
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, failed, tasks) = drive(&gw, "dies", 4, stop.clone());
-    until(&gw, "dies", Duration::from_secs(30), |s| {
+    until_rollout(&gw, "dies", Duration::from_secs(30), |s| {
         s["counts"]["candidate"]["requests"].as_u64() > Some(20)
     })
     .await;
     let killed = now_ms();
     candidate.kill();
-    let back = until(&gw, "dies", Duration::from_secs(30), |s| {
+    let back = until_rollout(&gw, "dies", Duration::from_secs(30), |s| {
         s["state"] == "rolled_back"
     })
     .await;
@@ -372,14 +326,14 @@ async fn a_restart_resumes_the_step_and_a_corrupt_state_file_restarts_at_step_on
             .start()
     };
     let gw = start().await;
-    assert_eq!(status(&gw, "resume").await["step"], 1);
-    let r = command(&gw, "resume", "promote").await;
+    assert_eq!(rollout_status(&gw, "resume").await["step"], 1);
+    let r = rollout_command(&gw, "resume", "promote").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["step"], 2);
     gw.gw.stop().await;
 
     let gw = start().await;
-    let s = status(&gw, "resume").await;
+    let s = rollout_status(&gw, "resume").await;
     assert_eq!(
         (s["state"].as_str(), s["step"].as_u64()),
         (Some("ramping"), Some(2)),
@@ -423,7 +377,7 @@ async fn a_restart_resumes_the_step_and_a_corrupt_state_file_restarts_at_step_on
     let file = state.path().join("resume.rollout.json");
     std::fs::write(&file, b"{ this is not json").unwrap();
     let gw = start().await;
-    let s = status(&gw, "resume").await;
+    let s = rollout_status(&gw, "resume").await;
     assert_eq!(s["step"], 1, "{s:#}");
     let error = s["state_error"].as_str().unwrap();
     assert!(
@@ -450,8 +404,8 @@ async fn an_unrelated_edit_keeps_the_step_and_an_edit_of_the_rollout_starts_a_ne
         .policy("edits.yaml", &text)
         .start()
         .await;
-    assert_eq!(command(&gw, "edits", "promote").await.status, 200);
-    let generation = status(&gw, "edits").await["generation"].clone();
+    assert_eq!(rollout_command(&gw, "edits", "promote").await.status, 200);
+    let generation = rollout_status(&gw, "edits").await["generation"].clone();
     // A deadline and a comment: the rollout stays where it is.
     gw.write_policy(
         "edits.yaml",
@@ -459,7 +413,7 @@ async fn an_unrelated_edit_keeps_the_step_and_an_edit_of_the_rollout_starts_a_ne
     );
     let (code, body) = gw.admin_reload().await;
     assert_eq!(code, 200, "{body}");
-    let s = status(&gw, "edits").await;
+    let s = rollout_status(&gw, "edits").await;
     assert_eq!(
         (s["step"].as_u64(), &s["generation"]),
         (Some(2), &generation),
@@ -468,7 +422,7 @@ async fn an_unrelated_edit_keeps_the_step_and_an_edit_of_the_rollout_starts_a_ne
     // New steps: a new generation at step 1.
     gw.write_policy("edits.yaml", &text.replace("[10, 50, 100]", "[5, 50, 100]"));
     assert_eq!(gw.admin_reload().await.0, 200);
-    let s = status(&gw, "edits").await;
+    let s = rollout_status(&gw, "edits").await;
     assert_eq!(s["step"], 1, "{s:#}");
     assert_ne!(s["generation"], generation);
     assert_eq!(s["weight"], 5.0);
@@ -481,7 +435,7 @@ async fn an_unrelated_edit_keeps_the_step_and_an_edit_of_the_rollout_starts_a_ne
         errors.contains("edits.yaml:") && errors.contains("rollout.steps[2]: steps must increase"),
         "{errors}"
     );
-    assert_eq!(status(&gw, "edits").await["weight"], 5.0);
+    assert_eq!(rollout_status(&gw, "edits").await["weight"], 5.0);
     gw.gw.stop().await;
 }
 
@@ -499,13 +453,13 @@ async fn operators_pause_resume_abort_and_finish_through_the_admin_api_and_the_c
     // Commands need the token.
     let r = http(gw.admin, "POST", "/admin/rollouts/ops/pause", &[], b"").await;
     assert_eq!(r.status, 401);
-    assert_eq!(command(&gw, "nope", "pause").await.status, 404);
-    let r = command(&gw, "ops", "pause").await;
+    assert_eq!(rollout_command(&gw, "nope", "pause").await.status, 404);
+    let r = rollout_command(&gw, "ops", "pause").await;
     assert_eq!(
         (r.status, r.json()["state"].as_str()),
         (200, Some("paused"))
     );
-    let r = command(&gw, "ops", "pause").await;
+    let r = rollout_command(&gw, "ops", "pause").await;
     assert_eq!(r.status, 409);
     assert!(
         r.json()["error"]
@@ -516,7 +470,7 @@ async fn operators_pause_resume_abort_and_finish_through_the_admin_api_and_the_c
         r.json()
     );
     assert_eq!(
-        command(&gw, "ops", "resume").await.json()["state"],
+        rollout_command(&gw, "ops", "resume").await.json()["state"],
         "ramping"
     );
 
@@ -596,7 +550,7 @@ async fn operators_pause_resume_abort_and_finish_through_the_admin_api_and_the_c
     // abort of a rollout that is gone is a 404; a new rollout can be aborted at once.
     gw.write_policy("ops.yaml", &text);
     assert_eq!(gw.admin_reload().await.0, 200);
-    let r = command(&gw, "ops", "abort").await;
+    let r = rollout_command(&gw, "ops", "abort").await;
     assert_eq!(r.json()["state"], "rolled_back");
     let (ok, out, err) = cli(&["finish", "ops"]);
     assert!(

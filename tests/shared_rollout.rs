@@ -114,53 +114,6 @@ async fn replicas(
     )
 }
 
-async fn status(gw: &TestGateway, route: &str) -> serde_json::Value {
-    let r = http(
-        gw.admin,
-        "GET",
-        &format!("/admin/rollouts/{route}"),
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
-
-/// Polls until `done` holds (at most `limit`); returns the status and how long it took.
-async fn until(
-    gw: &TestGateway,
-    route: &str,
-    limit: Duration,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> (serde_json::Value, Duration) {
-    let start = Instant::now();
-    loop {
-        let s = status(gw, route).await;
-        if done(&s) {
-            return (s, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < limit,
-            "waited {limit:?}; the rollout is at {s:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn command(gw: &TestGateway, route: &str, verb: &str) {
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    let r = http(
-        gw.admin,
-        "POST",
-        &format!("/admin/rollouts/{route}/{verb}"),
-        &[("authorization", auth.as_str())],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-}
-
 /// Sends requests to `route` through `gw` from 4 clients until `stop`; returns the tasks,
 /// which panic on a failed request.
 fn drive(
@@ -222,13 +175,13 @@ async fn replicas_move_through_the_steps_together_and_a_rollback_reaches_all() {
     // Only `a` serves traffic; `b` follows the shared state.
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = drive(&a, "together", stop.clone());
-    let (done, _) = until(&b, "together", Duration::from_secs(60), |s| {
+    let done = until_rollout(&b, "together", Duration::from_secs(60), |s| {
         s["state"] == "complete"
     })
     .await;
     let sent = finish(&stop, tasks).await;
     assert_eq!(path(&done), ["step-1", "step-2", "complete"], "{done:#}");
-    let (a_status, _) = until(&a, "together", Duration::from_secs(10), |s| {
+    let a_status = until_rollout(&a, "together", Duration::from_secs(10), |s| {
         s["state"] == "complete"
     })
     .await;
@@ -239,11 +192,13 @@ async fn replicas_move_through_the_steps_together_and_a_rollback_reaches_all() {
         done["shared_state"]
     );
     // A rollback on one replica is applied by the other.
-    command(&a, "together", "abort").await;
-    let (rolled, took) = until(&b, "together", Duration::from_secs(10), |s| {
+    assert_eq!(rollout_command(&a, "together", "abort").await.status, 200);
+    let aborted = Instant::now();
+    let rolled = until_rollout(&b, "together", Duration::from_secs(10), |s| {
         s["state"] == "rolled_back"
     })
     .await;
+    let took = aborted.elapsed();
     assert!(
         rolled["reason"].as_str().unwrap().contains("abort by"),
         "{rolled:#}"
@@ -282,7 +237,7 @@ async fn a_replica_that_loses_redis_keeps_its_step_never_promotes_and_still_roll
     )
     .await;
     for gw in [&a, &b] {
-        until(gw, "apart", Duration::from_secs(10), |s| {
+        until_rollout(gw, "apart", Duration::from_secs(10), |s| {
             s["shared_state"]["synced_seconds_ago"].is_number()
         })
         .await;
@@ -293,7 +248,7 @@ async fn a_replica_that_loses_redis_keeps_its_step_never_promotes_and_still_roll
     let tasks = drive(&a, "apart", stop.clone());
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let sent = finish(&stop, tasks).await;
-    let held = status(&a, "apart").await;
+    let held = rollout_status(&a, "apart").await;
     assert_eq!(
         held["step"], 1,
         "no promotion without the shared state: {held:#}"
@@ -301,18 +256,20 @@ async fn a_replica_that_loses_redis_keeps_its_step_never_promotes_and_still_roll
     assert!(held["shared_state"]["error"].is_string(), "{held:#}");
     assert!(a.metrics().await.contains("switchyard_shared_state_up 0"));
     // A rollback needs no one: `b` rolls back at once and keeps it to tell.
-    command(&b, "apart", "abort").await;
-    let alone = status(&b, "apart").await;
+    assert_eq!(rollout_command(&b, "apart", "abort").await.status, 200);
+    let alone = rollout_status(&b, "apart").await;
     assert_eq!(alone["state"], "rolled_back");
     assert_eq!(alone["shared_state"]["pending"], "rolled_back", "{alone:#}");
-    assert_eq!(status(&a, "apart").await["state"], "ramping");
+    assert_eq!(rollout_status(&a, "apart").await["state"], "ramping");
     // Redis comes back empty (nothing was persisted): the replicas seed it again, and
     // `b`'s rollback wins over `a`'s step.
     let _redis = Redis::start_on(port).await;
-    let (rolled, took) = until(&a, "apart", Duration::from_secs(15), |s| {
+    let back = Instant::now();
+    let rolled = until_rollout(&a, "apart", Duration::from_secs(15), |s| {
         s["state"] == "rolled_back"
     })
     .await;
+    let took = back.elapsed();
     assert!(
         rolled["reason"]
             .as_str()

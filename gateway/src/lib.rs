@@ -37,6 +37,7 @@ mod rollout;
 pub mod routing;
 mod snapshot;
 mod strategy;
+mod ticker;
 mod upstream;
 
 use std::future::Future;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -299,4 +299,52 @@ pub fn rest_infer_body(rows: &[Vec<f32>]) -> Vec<u8> {
 
 pub fn path_of(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// `GET /admin/rollouts/ROUTE`, which must answer 200.
+pub async fn rollout_status(gw: &TestGateway, route: &str) -> serde_json::Value {
+    let r = http(
+        gw.admin,
+        "GET",
+        &format!("/admin/rollouts/{route}"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// `POST /admin/rollouts/ROUTE/VERB` with the admin token.
+pub async fn rollout_command(gw: &TestGateway, route: &str, verb: &str) -> HttpResponse {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    http(
+        gw.admin,
+        "POST",
+        &format!("/admin/rollouts/{route}/{verb}"),
+        &[("authorization", auth.as_str())],
+        b"",
+    )
+    .await
+}
+
+/// Polls the rollout's status until `done` holds (at most `limit`).
+pub async fn until_rollout(
+    gw: &TestGateway,
+    route: &str,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = rollout_status(gw, route).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "waited {limit:?}; the rollout is at {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1031,14 +1031,9 @@ pub(crate) fn explain(
 }
 
 /// The rollout controller: judges every rollout in force each [`TICK`] until `stop`.
-pub(crate) async fn drive(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+pub(crate) async fn drive(shared: Arc<Shared>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = crate::ticker::Ticker::new(TICK, stop);
+    while ticks.next().await {
         let snapshot = shared.snapshot.load();
         for entry in snapshot.routes.values() {
             if let Some(r) = &entry.rollout {

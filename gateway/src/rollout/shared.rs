@@ -115,7 +115,7 @@ impl Seen {
 }
 
 /// Keeps the replicas' rollouts in step, every `shared_state.sync_interval`, until `stop`.
-pub(crate) async fn run(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn run(shared: Arc<Shared>, stop: tokio::sync::watch::Receiver<bool>) {
     let Some(config) = shared.config.shared_state.clone() else {
         return;
     };
@@ -129,13 +129,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: tokio::sync::watch::Recei
         down: false,
     };
     info!(redis = %config.redis, "rollouts are shared through Redis");
-    let mut tick = tokio::time::interval(config.sync_interval.0);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+    let mut ticks = crate::ticker::Ticker::new(config.sync_interval.0, stop);
+    while ticks.next().await {
         let snapshot = shared.snapshot.load_full();
         let mut ok = true;
         for entry in snapshot.routes.values() {

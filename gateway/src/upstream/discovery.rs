@@ -334,14 +334,9 @@ pub(crate) async fn scrape(addr: SocketAddr, timeout: Duration) -> Result<u64, S
 }
 
 /// The discovery task: scrapes and re-resolutions as they fall due, until `stop`.
-pub(crate) async fn run(upstreams: Arc<Upstreams>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+pub(crate) async fn run(upstreams: Arc<Upstreams>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = crate::ticker::Ticker::new(TICK, stop);
+    while ticks.next().await {
         let now = now_ms();
         for pool in upstreams.pools().values() {
             scrape_due(&upstreams, pool, now);

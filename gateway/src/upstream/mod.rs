@@ -624,15 +624,11 @@ impl Upstreams {
     /// for every known target on its pool.
     pub(crate) async fn run_health_checks(
         self: Arc<Self>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut tick = tokio::time::interval(self.health.interval.0);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.check_once().await,
-                _ = stop.changed() => return,
-            }
+        let mut ticks = crate::ticker::Ticker::new(self.health.interval.0, stop);
+        while ticks.next().await {
+            self.check_once().await;
         }
     }
 
