@@ -54,6 +54,15 @@ pub struct GatewayConfig {
     /// seen by one is applied by all. Default: none, and each replica runs its own.
     #[serde(default)]
     pub shared_state: Option<SharedStateConfig>,
+    /// Distributed tracing: a span per request with child spans per upstream attempt,
+    /// cascade stage, ensemble member, pipeline step and shadow copy, exported over
+    /// OTLP/gRPC; the W3C trace context goes on to the backends. Default: off.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+    /// One JSON line per request, written by its own thread from a bounded buffer (lines
+    /// beyond it are dropped and counted). Default: off.
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
     /// The file this was read from ([`crate::load_gateway_config`] sets it): reloads read
     /// its `backends:` again. Not a field of the file.
     #[serde(skip)]
@@ -79,6 +88,53 @@ pub struct SharedStateConfig {
     /// keeps its last known step, never promotes, and may still roll back. Default 500ms.
     #[serde(default = "default_shared_timeout")]
     pub timeout: HumanDuration,
+}
+
+/// Where spans go, and which traces are recorded.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC receiver (an OpenTelemetry collector, Jaeger, Tempo):
+    /// `http://host:4317`.
+    pub otlp_endpoint: String,
+    /// The share of traces started at the gateway that are recorded, 0 to 1. A request
+    /// that arrives with a `traceparent` follows its caller's sampling flag. Default 1.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of the gateway's spans. Default `switchyard-gateway`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans waiting for export at most; more are dropped. Default 4096.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+
+fn default_service_name() -> String {
+    "switchyard-gateway".into()
+}
+
+fn default_max_queue() -> usize {
+    4096
+}
+
+/// The access log.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// `stderr`, or a file (relative to this file), appended to.
+    pub path: String,
+    /// Lines waiting to be written at most; more are dropped and counted in
+    /// `switchyard_access_log_dropped_total`. Default 8192.
+    #[serde(default = "default_log_buffer")]
+    pub buffer: usize,
+}
+
+fn default_log_buffer() -> usize {
+    8192
 }
 
 fn default_prefix() -> String {

@@ -165,6 +165,45 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
             }
         }
     }
+    if let Some(t) = &config.tracing {
+        let at = |field: &str, message: String| Diagnostic::new(file, 0, 0, field, message);
+        if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://")) {
+            problems.push(at(
+                "tracing.otlp_endpoint",
+                format!(
+                    "'{}' is not an OTLP/gRPC URL: write http://host:4317",
+                    t.otlp_endpoint
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            problems.push(at(
+                "tracing.sample_ratio",
+                format!("{} is not a share: expected 0 to 1", t.sample_ratio),
+            ));
+        }
+        if t.max_queue == 0 || t.max_queue > 1 << 20 {
+            problems.push(at(
+                "tracing.max_queue",
+                format!("{} spans: expected 1 to 1048576", t.max_queue),
+            ));
+        }
+    }
+    if let Some(log) = &config.access_log {
+        let at = |field: &str, message: String| Diagnostic::new(file, 0, 0, field, message);
+        if log.path.is_empty() {
+            problems.push(at(
+                "access_log.path",
+                "write `stderr` or a file path".into(),
+            ));
+        }
+        if log.buffer == 0 || log.buffer > 1 << 20 {
+            problems.push(at(
+                "access_log.buffer",
+                format!("{} lines: expected 1 to 1048576", log.buffer),
+            ));
+        }
+    }
     let periods = [
         (
             "limits.default_deadline",
@@ -306,6 +345,12 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
         && token.is_relative()
     {
         *token = base.join(&*token);
+    }
+    if let Some(log) = config.access_log.as_mut()
+        && log.path != "stderr"
+        && Path::new(&log.path).is_relative()
+    {
+        log.path = base.join(&log.path).display().to_string();
     }
     config.file = Some(file.to_path_buf());
     Ok(config)

@@ -444,6 +444,18 @@ pub enum Combine {
     Max,
 }
 
+impl Combine {
+    /// The name a policy file writes it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::WeightedMean => "weighted_mean",
+            Self::MajorityVote => "majority_vote",
+            Self::Max => "max",
+        }
+    }
+}
+
 /// Members run in parallel; their outputs are combined.
 #[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

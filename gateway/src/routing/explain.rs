@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use http::HeaderMap;
 
-use super::{Accept, Combine, Draw, Mapping, Plan, PlanId, Reason, Route, Source, Split};
+use super::{Accept, Draw, Mapping, Plan, PlanId, Reason, Route, Source, Split};
 
 /// Explains the decision for a request to `route` with `headers` and `model_version`.
 pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> String {
@@ -157,12 +157,7 @@ fn describe_plan(out: &mut String, route: &Route, plan: PlanId, depth: usize) {
             let _ = writeln!(
                 out,
                 "{pad}ensemble ({}) of {} members, quorum {}{}:",
-                match e.combine {
-                    Combine::Mean => "mean",
-                    Combine::WeightedMean => "weighted_mean",
-                    Combine::MajorityVote => "majority_vote",
-                    Combine::Max => "max",
-                },
+                e.combine.name(),
                 e.members.len(),
                 e.quorum,
                 e.member_timeout
