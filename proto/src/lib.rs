@@ -21,6 +21,7 @@ mod element;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod pbtxt;
+pub mod trace;
 pub mod wire;
 
 pub use element::{ElementType, element_count};
