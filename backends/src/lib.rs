@@ -69,6 +69,9 @@ pub struct BackendConfig {
     pub max_response_size: usize,
     /// Who may load and unload models. Default [`ModelControl::None`].
     pub model_control: ModelControl,
+    /// Distributed tracing: a span per inference (continuing the caller's `traceparent`)
+    /// with its queue wait and compute as children, exported over OTLP. Default: off.
+    pub tracing: Option<switchyard_proto::trace::Settings>,
 }
 
 /// Who may load and unload models over RepositoryModelLoad/Unload: Triton's
@@ -105,6 +108,7 @@ impl BackendConfig {
             max_request_size: DEFAULT_MAX_REQUEST_SIZE,
             max_response_size: 64 << 20,
             model_control: ModelControl::None,
+            tracing: None,
         }
     }
 }
@@ -141,6 +145,13 @@ impl Backend {
             config.repository,
             metrics.clone(),
         ));
+        let tracing = match &config.tracing {
+            None => None,
+            Some(t) => Some(Arc::new(
+                switchyard_proto::trace::Tracing::start(t)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            )),
+        };
         let serving = repo.load_all().await?;
         let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
         info!(repository = %root.display(), versions = serving, "model repository loaded");
@@ -150,6 +161,7 @@ impl Backend {
                 ready: Arc::new(AtomicBool::new(true)),
                 control: Arc::new(config.model_control.clone()),
                 stopping: stopping_rx,
+                tracing,
             },
             stopping: Arc::new(stopping_tx),
             metrics,

@@ -108,6 +108,8 @@ pub(crate) struct JobOutput {
     pub(crate) outputs: Vec<OutputTensor>,
     pub(crate) queue: Duration,
     pub(crate) exec: ExecTimes,
+    /// Rows of the batch the job ran in.
+    pub(crate) batch_rows: usize,
 }
 
 /// The queue of one model version and the threads that drain it. Dropping it closes the
@@ -412,6 +414,7 @@ impl Worker {
                 outputs,
                 queue,
                 exec,
+                batch_rows: rows,
             }));
         }
     }

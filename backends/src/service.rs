@@ -4,7 +4,11 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, SpanContext, SpanKind};
+use switchyard_proto::trace::{self, Tracing};
 
 use switchyard_proto::inference::{
     self as pb, grpc_inference_service_server::GrpcInferenceService,
@@ -42,6 +46,8 @@ pub(crate) struct InferenceService {
     /// what they took, and end, so the server's graceful shutdown is not held open by a
     /// stream that never ends.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// The tracer, when tracing is on.
+    pub(crate) tracing: Option<Arc<Tracing>>,
 }
 
 /// Messages of one ModelStreamInfer stream that may be in flight at once.
@@ -77,10 +83,32 @@ impl InferenceService {
     async fn infer(
         &self,
         mut req: pb::ModelInferRequest,
+        parent: Option<&SpanContext>,
     ) -> Result<pb::ModelInferResponse, BackendError> {
         let start = Instant::now();
-        let version = self.repo.resolve(&req.model_name, &req.model_version)?;
-        let result = run(&version, &mut req, start).await;
+        let span = self.tracing.as_ref().map(|t| {
+            t.span(
+                format!("ModelInfer {}", req.model_name),
+                SpanKind::Server,
+                parent,
+                vec![
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", "inference.GRPCInferenceService"),
+                    KeyValue::new("rpc.method", "ModelInfer"),
+                    KeyValue::new("switchyard.model", req.model_name.clone()),
+                    KeyValue::new("switchyard.model_version", req.model_version.clone()),
+                ],
+            )
+        });
+        let mut timing = None;
+        let version = match self.repo.resolve(&req.model_name, &req.model_version) {
+            Ok(v) => v,
+            Err(e) => {
+                end(span, Some(&e.to_string()), &[]);
+                return Err(e);
+            }
+        };
+        let result = run(&version, &mut req, start, &mut timing).await;
         match &result {
             Ok(_) => {
                 debug!(model = %version.spec.name, version = version.version, "inference done")
@@ -90,17 +118,86 @@ impl InferenceService {
                 debug!(model = %version.spec.name, version = version.version, %err, "inference failed");
             }
         }
+        if let (Some(t), Some(span), Some(timing)) = (&self.tracing, &span, &timing) {
+            // The scheduler measured both on its threads: recorded after the fact.
+            let cx = span.span_context();
+            let queued = timing.enqueued + timing.queue;
+            let e = timing.exec;
+            let computed = queued + e.compute_input + e.compute_infer + e.compute_output;
+            let batch = KeyValue::new("switchyard.batch_rows", timing.batch_rows as i64);
+            t.happened("queue", cx, vec![batch.clone()], (timing.enqueued, queued));
+            t.happened(
+                "compute",
+                cx,
+                vec![
+                    batch,
+                    KeyValue::new(
+                        "switchyard.compute_input_us",
+                        e.compute_input.as_micros() as i64,
+                    ),
+                    KeyValue::new(
+                        "switchyard.compute_infer_us",
+                        e.compute_infer.as_micros() as i64,
+                    ),
+                    KeyValue::new(
+                        "switchyard.compute_output_us",
+                        e.compute_output.as_micros() as i64,
+                    ),
+                ],
+                (queued, computed),
+            );
+        }
+        let version_attr = [KeyValue::new(
+            "switchyard.served_version",
+            version.version as i64,
+        )];
+        end(
+            span,
+            result.as_ref().err().map(|e| e.to_string()).as_deref(),
+            &version_attr,
+        );
         result
     }
+}
+
+/// Ends an inference's span, with its error.
+fn end(span: Option<switchyard_proto::trace::Span>, error: Option<&str>, attributes: &[KeyValue]) {
+    if let Some(mut span) = span {
+        span.set_attributes(attributes.iter().cloned());
+        if let Some(e) = error {
+            span.set_status(opentelemetry::trace::Status::error(e.to_owned()));
+        }
+        span.end();
+    }
+}
+
+/// When a job waited and ran, for its spans.
+#[derive(Debug)]
+struct Timing {
+    enqueued: SystemTime,
+    queue: std::time::Duration,
+    exec: crate::stats::ExecTimes,
+    batch_rows: usize,
+}
+
+/// The caller's trace context, from its gRPC metadata.
+fn caller<T>(req: &Request<T>) -> Option<SpanContext> {
+    let m = req.metadata();
+    trace::remote_parent(
+        m.get(trace::TRACEPARENT).map(|v| v.as_bytes()),
+        m.get(trace::TRACESTATE).map(|v| v.as_bytes()),
+    )
 }
 
 async fn run(
     version: &ServingVersion,
     req: &mut pb::ModelInferRequest,
     start: Instant,
+    timing: &mut Option<Timing>,
 ) -> Result<pb::ModelInferResponse, BackendError> {
     let spec = &version.spec;
     let prepared = request::prepare(spec, req)?;
+    let enqueued = SystemTime::now();
     let (reply, done) = oneshot::channel();
     let job = Job {
         rows: prepared.rows,
@@ -126,6 +223,12 @@ async fn run(
         model: spec.name.clone(),
         version: version.version,
     })??;
+    *timing = Some(Timing {
+        enqueued,
+        queue: output.queue,
+        exec: output.exec,
+        batch_rows: output.batch_rows,
+    });
     let mut outputs = Vec::with_capacity(prepared.outputs.len());
     let mut raw = Vec::with_capacity(prepared.outputs.len());
     for &k in &prepared.outputs {
@@ -233,13 +336,18 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        Ok(Response::new(self.infer(req.into_inner()).await?))
+        let parent = caller(&req);
+        Ok(Response::new(
+            self.infer(req.into_inner(), parent.as_ref()).await?,
+        ))
     }
 
     async fn model_stream_infer(
         &self,
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        // Every message of the stream continues the trace the stream was opened in.
+        let parent = caller(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let service = self.clone();
@@ -261,11 +369,12 @@ impl GrpcInferenceService for InferenceService {
                 };
                 let service = service.clone();
                 let tx = tx.clone();
+                let parent = parent.clone();
                 // Requests on one stream run concurrently and answer as they finish,
                 // each carrying its `id`, as Triton's streaming endpoint does.
                 tokio::spawn(async move {
                     let id = request.id.clone();
-                    let response = match service.infer(request).await {
+                    let response = match service.infer(request, parent.as_ref()).await {
                         Ok(r) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(r),
