@@ -124,6 +124,18 @@ struct BackendArgs {
     /// A file holding the model-control token (needed with --model-control-mode explicit).
     #[arg(long, value_name = "PATH")]
     model_control_token_file: Option<PathBuf>,
+    /// Export spans (an inference's, its queue wait's and compute's, continuing the
+    /// caller's `traceparent`) to this OTLP/gRPC receiver, e.g. http://127.0.0.1:4317.
+    /// Default: no tracing.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// The share of traces started here that are recorded (calls with a `traceparent`
+    /// follow their caller's sampling flag).
+    #[arg(long, default_value_t = 1.0)]
+    trace_sample_ratio: f64,
+    /// `service.name` of the spans.
+    #[arg(long, default_value = "switchyard-backend")]
+    trace_service_name: String,
 }
 
 fn main() -> Result<()> {
@@ -159,6 +171,14 @@ async fn backend(args: BackendArgs) -> Result<()> {
     config.repository.default_runtime = args.runtime;
     config.repository.onnxruntime_lib = args.onnxruntime_lib;
     config.repository.max_queue_bytes = args.max_queue_bytes;
+    config.tracing = args
+        .otlp_endpoint
+        .map(|endpoint| switchyard_proto::trace::Settings {
+            endpoint,
+            sample_ratio: args.trace_sample_ratio,
+            service_name: args.trace_service_name,
+            max_queue: 4096,
+        });
     config.max_request_size =
         usize::try_from(args.max_request_size).context("--max-request-size")?;
     config.max_response_size =
@@ -253,7 +273,19 @@ async fn up(args: UpArgs) -> Result<()> {
             let listener = TcpListener::bind(endpoint).await.with_context(|| {
                 format!("starting the bundled backend for pool '{pool}' on {endpoint}")
             })?;
-            let loaded = Backend::load(BackendConfig::new(&args.model_repository))
+            let mut backend_config = BackendConfig::new(&args.model_repository);
+            // The bundled backends trace to the gateway's receiver, as their own service.
+            backend_config.tracing =
+                config
+                    .tracing
+                    .as_ref()
+                    .map(|t| switchyard_proto::trace::Settings {
+                        endpoint: t.otlp_endpoint.clone(),
+                        sample_ratio: t.sample_ratio,
+                        service_name: "switchyard-backend".into(),
+                        max_queue: t.max_queue,
+                    });
+            let loaded = Backend::load(backend_config)
                 .await
                 .with_context(|| format!("loading {}", args.model_repository.display()))?;
             started.push(format!("{pool}={endpoint}"));
@@ -277,6 +309,7 @@ async fn up(args: UpArgs) -> Result<()> {
     );
     println!();
     println!("  KServe v2 REST   http://{http}/v2/models/digits   (gRPC on {grpc})");
+    println!("  dashboard        http://{admin}/");
     println!("  metrics, admin   http://{admin}/metrics   http://{admin}/admin/policy");
     println!(
         "  policies         {}  (edit a file: the gateway reloads it)",

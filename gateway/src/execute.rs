@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use http::HeaderMap;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use tokio::time::Instant;
 
 use crate::Shared;
@@ -19,7 +21,8 @@ use crate::error::GatewayError;
 use crate::grpc::infer::InferMessage;
 use crate::routing::{Class, Decision, Plan, PlanId, Reason, remix};
 use crate::snapshot::{RouteEntry, Snapshot};
-use crate::strategy::{self, Answer, AnsweredBy, Invoker, Verdict, tensors};
+use crate::strategy::{self, Answer, AnsweredBy, Invoker, Part, Verdict, tensors};
+use crate::trace::{self, Cx};
 use crate::upstream::Upstreams;
 use crate::upstream::attempt::{self, Deadline, Failure, Options, Upstream};
 
@@ -41,6 +44,8 @@ pub(crate) struct Executor<'a> {
     pub(crate) shadow: bool,
     /// The request's priority class: how full an endpoint may be for it.
     pub(crate) class: Class,
+    /// Where this run's spans hang in the request's trace.
+    pub(crate) trace: Cx<'a>,
     depth: u8,
 }
 
@@ -71,8 +76,17 @@ impl<'a> Executor<'a> {
                 .priority
                 .as_ref()
                 .map_or(Class::ONLY, |p| p.class(request.1)),
+            trace: Cx::default(),
             depth: 0,
         }
+    }
+
+    /// The same run, with its spans under `trace`.
+    pub(crate) fn traced<'b>(self, trace: Cx<'b>) -> Executor<'b>
+    where
+        'a: 'b,
+    {
+        Executor { trace, ..self }
     }
 
     /// Runs a top-level decision: a target with the route's fallbacks, anything else by
@@ -110,6 +124,7 @@ impl<'a> Executor<'a> {
             fallback,
             shadow: self.shadow,
             class: self.class,
+            trace: self.trace,
         };
         let result = attempt::infer(
             self.upstream,
@@ -201,7 +216,7 @@ impl<'a> Executor<'a> {
                 });
                 match decision.target {
                     Some(_) => self.member(&decision, deadline).await,
-                    None => self.run(decision.plan, deadline).await,
+                    None => self.boxed(decision.plan, deadline).await,
                 }
             }
             Plan::Cascade(stages) => {
@@ -282,7 +297,7 @@ impl<'a> Executor<'a> {
                     .switch(plan)
                     .ok_or_else(|| self.internal("switch without counters"))?;
                 let what = || format!("switch '{}' on '{}'", runtime.name, route.plan_name(sw.on));
-                let first = match self.run(sw.on, deadline).await {
+                let first = match self.boxed(sw.on, deadline).await {
                     Ok(a) => a,
                     Err(e) => {
                         runtime.metrics.error.inc();
@@ -310,7 +325,7 @@ impl<'a> Executor<'a> {
                     first
                 } else {
                     let name = route.plan_name(chosen);
-                    self.run(chosen, deadline).await.map_err(|e| {
+                    self.boxed(chosen, deadline).await.map_err(|e| {
                         e.in_step(&format!("switch '{}' case plan '{name}'", runtime.name))
                             .in_route(&route.name)
                     })?
@@ -361,8 +376,78 @@ impl<'a> Executor<'a> {
         };
         match decision.target {
             Some(_) => inner.member(&decision, deadline).await,
-            None => inner.run(decision.plan, deadline).await,
+            None => inner.boxed(decision.plan, deadline).await,
         }
+    }
+
+    /// A nested plan, boxed: plans nest (a cascade's stage may be a split of cascades).
+    fn boxed(
+        &self,
+        plan: PlanId,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>> {
+        Box::pin(self.plan(plan, deadline))
+    }
+
+    /// Runs `plan` as `part` of a strategy, in a span of its own when the request is
+    /// traced.
+    async fn part(
+        &self,
+        plan: PlanId,
+        deadline: Instant,
+        part: Part<'_>,
+    ) -> Result<Answer, GatewayError> {
+        let route = &self.entry.route;
+        let span = self.trace.child(
+            || match part {
+                Part::Stage(i) => format!("cascade stage {}", i + 1),
+                Part::Member(i) => format!("ensemble member {}", i + 1),
+                Part::Step(_, name) => format!("pipeline step {name}"),
+            },
+            SpanKind::Internal,
+            || {
+                let mut a = vec![KeyValue::new(
+                    "switchyard.plan",
+                    route.plan_name(plan).to_string(),
+                )];
+                match part {
+                    Part::Stage(i) => {
+                        a.push(KeyValue::new("switchyard.cascade.stage", i as i64 + 1))
+                    }
+                    Part::Member(i) => {
+                        a.push(KeyValue::new("switchyard.ensemble.member", i as i64 + 1))
+                    }
+                    Part::Step(i, name) => {
+                        a.push(KeyValue::new("switchyard.pipeline.step", i as i64 + 1));
+                        a.push(KeyValue::new(
+                            "switchyard.pipeline.step_name",
+                            name.to_owned(),
+                        ));
+                    }
+                }
+                a
+            },
+        );
+        let Some(cx) = trace::context(&span) else {
+            return self.plan(plan, deadline).await;
+        };
+        let inner = Executor {
+            trace: self.trace.under(&cx),
+            ..*self
+        };
+        let result = inner.plan(plan, deadline).await;
+        trace::end(
+            span,
+            || match &result {
+                Ok(a) => vec![
+                    KeyValue::new("switchyard.answered_by", a.label.to_string()),
+                    KeyValue::new("switchyard.outcome", "ok"),
+                ],
+                Err(e) => vec![KeyValue::new("switchyard.outcome", e.outcome().label())],
+            },
+            result.as_ref().err().map(|e| e.outcome().label()),
+        );
+        result
     }
 
     fn internal(&self, what: &str) -> GatewayError {
@@ -374,12 +459,13 @@ impl<'a> Executor<'a> {
 }
 
 impl Invoker for Executor<'_> {
-    fn run(
-        &self,
+    fn run<'b>(
+        &'b self,
         plan: PlanId,
         deadline: Instant,
-    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>> {
-        Box::pin(self.plan(plan, deadline))
+        part: Part<'b>,
+    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'b>> {
+        Box::pin(self.part(plan, deadline, part))
     }
 
     fn run_with<'b>(
@@ -387,10 +473,11 @@ impl Invoker for Executor<'_> {
         plan: PlanId,
         message: &'b InferMessage,
         deadline: Instant,
+        part: Part<'b>,
     ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'b>> {
         Box::pin(async move {
             let step = Executor { message, ..*self };
-            step.plan(plan, deadline).await
+            step.part(plan, deadline, part).await
         })
     }
 }
@@ -404,12 +491,28 @@ pub(crate) struct ShadowCopy {
     pub(crate) headers: HeaderMap,
     pub(crate) random: u64,
     pub(crate) deadline: Deadline,
+    /// The request's span, when it is traced: the copy's span hangs under it.
+    pub(crate) trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl ShadowCopy {
     /// Runs `plan` as a shadow: marked for the backends, with its own draws.
     pub(crate) async fn run(self, plan: PlanId) -> Result<Answer, GatewayError> {
+        let tracing = self.shared.tracing.as_ref();
+        let request = Cx::new(tracing, self.trace.as_ref(), None);
+        let span = request.child(
+            || "shadow copy".to_owned(),
+            SpanKind::Internal,
+            || {
+                vec![KeyValue::new(
+                    "switchyard.shadow.plan",
+                    self.entry.route.plan_name(plan).to_string(),
+                )]
+            },
+        );
+        let span_cx = trace::context(&span);
         let exec = Executor {
+            trace: Cx::new(tracing, span_cx.as_ref(), None),
             shadow: true,
             // A shadow copy gets the lowest class's room: a full pool refuses it first.
             class: Class::ONLY,
@@ -423,7 +526,21 @@ impl ShadowCopy {
                 self.deadline,
             )
         };
-        exec.plan(plan, self.deadline.at).await
+        let result = exec.plan(plan, self.deadline.at).await;
+        trace::end(
+            span,
+            || {
+                vec![KeyValue::new(
+                    "switchyard.outcome",
+                    match &result {
+                        Ok(_) => "ok",
+                        Err(e) => e.outcome().label(),
+                    },
+                )]
+            },
+            result.as_ref().err().map(|e| e.outcome().label()),
+        );
+        result
     }
 }
 

@@ -23,6 +23,8 @@
 //! * Breakers, pools and health state outlive reloads; a failed reload changes nothing.
 //! * Only this crate names pingora.
 
+mod access_log;
+mod dashboard;
 mod error;
 mod execute;
 mod frontend;
@@ -38,6 +40,7 @@ pub mod routing;
 mod snapshot;
 mod strategy;
 mod ticker;
+mod trace;
 mod upstream;
 
 use std::future::Future;
@@ -82,6 +85,12 @@ pub(crate) struct Shared {
     pub(crate) topology_needs_token: bool,
     /// Connections held by the REST, gRPC and admin listeners, across workers.
     pub(crate) connections: [Arc<listener::Connections>; 3],
+    /// The dashboard's minute of counter readings.
+    pub(crate) dashboard: dashboard::Window,
+    /// The tracer, with `tracing:` in gateway.yaml.
+    pub(crate) tracing: Option<switchyard_proto::trace::Tracing>,
+    /// The access log, with `access_log:`.
+    pub(crate) access_log: Option<access_log::AccessLog>,
 }
 impl Shared {
     pub(crate) fn is_ready(&self) -> bool {
@@ -131,6 +140,9 @@ pub enum StartError {
     /// The policies in force at start-up are invalid (every problem is listed).
     #[error("invalid policies:\n{0}")]
     Policies(Diagnostics),
+    /// The tracer or the access log could not be set up.
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// The listeners, bound before the gateway starts (tests bind `127.0.0.1:0`): one socket
@@ -244,7 +256,33 @@ impl Gateway {
                 metrics.connections_refused.with_label_values(&name),
             ))
         });
+        let tracing = match &config.tracing {
+            None => None,
+            Some(t) => Some(
+                switchyard_proto::trace::Tracing::start(&switchyard_proto::trace::Settings {
+                    endpoint: t.otlp_endpoint.clone(),
+                    sample_ratio: t.sample_ratio,
+                    service_name: t.service_name.clone(),
+                    max_queue: t.max_queue,
+                })
+                .map_err(StartError::Setup)?,
+            ),
+        };
+        let access_log = match &config.access_log {
+            None => None,
+            Some(a) => Some(
+                access_log::AccessLog::open(
+                    &a.path,
+                    a.buffer,
+                    metrics.access_log_dropped.clone(),
+                    metrics.access_log_lines.clone(),
+                )
+                .map_err(|e| StartError::Setup(e.to_string()))?,
+            ),
+        };
         let shared = Shared {
+            tracing,
+            access_log,
             budget: RetryBudget::new(
                 config.retry_budget.percent,
                 config.retry_budget.min_concurrency,
@@ -257,6 +295,7 @@ impl Gateway {
             reloads: reload::Reloads::new(kept),
             connections,
             topology_needs_token: config.admin.topology.needs_token(&config.listen.admin),
+            dashboard: dashboard::Window::default(),
             config,
         };
         Ok(Self {
@@ -321,6 +360,10 @@ impl Gateway {
                 stop_rx.clone(),
             )),
         ];
+        tasks.push(tokio::spawn(dashboard::run(
+            shared.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(rollout::drive(
             shared.clone(),
             stop_rx.clone(),

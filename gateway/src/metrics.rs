@@ -12,6 +12,22 @@ use crate::error::Outcome;
 /// Protocol label values, indexed by [`Protocol`].
 pub(crate) const PROTOCOLS: [&str; 2] = ["grpc", "rest"];
 
+/// Upper bounds (seconds) of `switchyard_request_duration_seconds`' buckets.
+pub(crate) const DURATION_BUCKETS: [f64; 14] = [
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// What one (route, target)'s handles have counted so far, both protocols together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) requests: u64,
+    /// Requests that failed for other reasons than the client's (neither `ok` nor
+    /// `client_error`).
+    pub(crate) errors: u64,
+    /// Durations per bucket of [`DURATION_BUCKETS`], not cumulative; the last is +Inf.
+    pub(crate) buckets: [u64; DURATION_BUCKETS.len() + 1],
+}
+
 /// The downstream protocol a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Protocol {
@@ -52,7 +68,7 @@ impl Attempt {
         Attempt::Saturated,
     ];
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Ok => "ok",
             Self::Rejected => "rejected",
@@ -78,6 +94,9 @@ pub struct Metrics {
     overflow: IntCounterVec,
     priority_shed: IntCounterVec,
     pub(crate) retry_budget_exhausted: IntCounter,
+    /// Access log lines handed to its writer, and dropped because its queue was full.
+    pub(crate) access_log_lines: IntCounter,
+    pub(crate) access_log_dropped: IntCounter,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     pub(crate) endpoint_healthy: IntGaugeVec,
@@ -176,10 +195,7 @@ impl Metrics {
                 "switchyard_request_duration_seconds",
                 "Time from request to response, by route, target, protocol and result",
             )
-            .buckets(vec![
-                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                10.0,
-            ]),
+            .buckets(DURATION_BUCKETS.to_vec()),
             &["route", "target", "protocol", "result"],
         )
         .expect("valid metric");
@@ -191,6 +207,19 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(budget.clone())).expect("unique metric");
+        let plain = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let access_log_lines = plain(
+            "switchyard_access_log_lines_total",
+            "Access log lines handed to the writer (access_log in gateway.yaml)",
+        );
+        let access_log_dropped = plain(
+            "switchyard_access_log_dropped_total",
+            "Access log lines dropped because the writer's queue was full",
+        );
         let version = IntGauge::new(
             "switchyard_policy_version",
             "Version of the policy snapshot in force",
@@ -458,6 +487,8 @@ impl Metrics {
             ),
             duration,
             retry_budget_exhausted: budget,
+            access_log_lines,
+            access_log_dropped,
             policy_version: version,
             registry: r,
         }
@@ -649,6 +680,32 @@ impl TargetMetrics {
 
     pub(crate) fn attempt(&self, a: Attempt) {
         self.attempts[a as usize].inc();
+    }
+
+    /// What these handles have counted so far (the dashboard's sampler, once a second;
+    /// it reads each histogram's buckets, so it is kept off the request path).
+    pub(crate) fn totals(&self) -> Totals {
+        use prometheus::core::Metric as _;
+        let mut t = Totals::default();
+        for (counters, histograms) in self.requests.iter().zip(&self.duration) {
+            for (o, (c, h)) in counters.iter().zip(histograms).enumerate() {
+                let n = c.get();
+                t.requests += n;
+                if o != Outcome::Ok as usize && o != Outcome::ClientError as usize {
+                    t.errors += n;
+                }
+                let m = h.metric();
+                let m = m.get_histogram();
+                let mut below = 0;
+                for (slot, b) in t.buckets.iter_mut().zip(m.get_bucket()) {
+                    let cumulative = b.cumulative_count();
+                    *slot += cumulative - below;
+                    below = cumulative;
+                }
+                t.buckets[DURATION_BUCKETS.len()] += m.get_sample_count() - below;
+            }
+        }
+        t
     }
 }
 

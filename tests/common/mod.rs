@@ -357,7 +357,9 @@ impl tonic::codec::Decoder for RawCodec {
 /// not on the presence of a series: series are created when targets are registered.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))
+        })
         .filter(|l| {
             labels
                 .iter()

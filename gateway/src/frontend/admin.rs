@@ -1,4 +1,5 @@
-//! The admin API (loopback by default): `/metrics`, `GET /admin/policy`,
+//! The admin API (loopback by default): the dashboard (`GET /`, polling
+//! `GET /admin/overview`), `/metrics`, `GET /admin/policy`,
 //! `POST /admin/reload` (bearer token), `GET /admin/targets`, `GET /admin/shadow` (running
 //! shadow agreement per route), `GET /admin/rollouts[/ROUTE]` and
 //! `POST /admin/rollouts/ROUTE/(pause|resume|promote|abort)` (bearer token), and the
@@ -14,7 +15,7 @@ use pingora_proxy::Session;
 use serde_json::json;
 
 use super::{RequestCtx, respond};
-use crate::Shared;
+use crate::{Shared, dashboard};
 
 /// Serves one admin request.
 pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut RequestCtx) {
@@ -36,7 +37,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
     });
     let topology = matches!(
         path.as_str(),
-        "/admin/policy" | "/admin/targets" | "/admin/shadow"
+        "/admin/policy" | "/admin/targets" | "/admin/shadow" | "/admin/overview"
     ) || path.starts_with("/admin/rollouts");
     let (status, content_type, body) = match (method.as_str(), path.as_str()) {
         ("GET", _) if topology && shared.topology_needs_token && !authorized => json_reply(
@@ -45,6 +46,12 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
                 "GET {path} reveals the routing topology: send `Authorization: Bearer <token>` (admin.token_env or admin.token_file; admin.topology decides who may read it)"
             ) }),
         ),
+        ("GET", "/") => (
+            200,
+            "text/html; charset=utf-8",
+            Bytes::from_static(dashboard::PAGE.as_bytes()),
+        ),
+        ("GET", "/admin/overview") => json_reply(200, dashboard::overview(shared, snapshot)),
         ("GET", "/metrics") => (
             200,
             "text/plain; version=0.0.4",
@@ -56,16 +63,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
             json_reply(if ready { 200 } else { 503 }, json!({ "ready": ready }))
         }
         ("GET", "/admin/policy") => {
-            let last = shared.reloads.last.load();
-            let last = last.as_ref().as_ref().map(|r| {
-                json!({
-                    "at": r.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-                    "trigger": r.trigger,
-                    "result": if r.version.is_some() { "ok" } else { "error" },
-                    "version": r.version,
-                    "errors": r.errors,
-                })
-            });
+            let last = dashboard::last_reload(shared);
             let mut routes: Vec<&str> = snapshot.routes.keys().map(|k| &**k).collect();
             routes.sort_unstable();
             json_reply(
@@ -203,7 +201,15 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: &mut Session, ctx: &mut
             json!({ "error": format!("no admin endpoint {method} {path}") }),
         ),
     };
-    respond(session, status, content_type, said, &[], body).await;
+    let extra: &[(&str, String)] = if path == "/" {
+        &[
+            ("content-security-policy", dashboard::PAGE_CSP.to_owned()),
+            ("cache-control", "no-store".to_owned()),
+        ]
+    } else {
+        &[]
+    };
+    respond(session, status, content_type, said, extra, body).await;
 }
 
 /// Compares tokens without an early exit, so timing says nothing about the token.

@@ -4,32 +4,36 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use prost::Message;
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 use switchyard_proto::inference::{
     ModelConfigRequest, ModelConfigResponse, ModelMetadataRequest, ModelMetadataResponse,
     ModelReadyRequest, ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse,
 };
+use switchyard_proto::trace as w3c;
 use tokio::time::Instant;
 
 use super::ReplyHeaders;
-use crate::Shared;
 use crate::error::GatewayError;
 use crate::error::Outcome;
 use crate::execute::{self, Executor, ShadowCopy};
 use crate::grpc::infer::InferMessage;
 use crate::grpc::{MODEL_CONFIG, MODEL_METADATA, MODEL_READY, MODEL_STATISTICS};
-use crate::metrics::Protocol;
+use crate::metrics::{PROTOCOLS, Protocol};
 use crate::routing::rollout::Arm;
 use crate::routing::{Decision, PlanId, TargetId};
 use crate::snapshot::{RouteEntry, Snapshot};
 use crate::strategy::{Answer, AnsweredBy, cache, shadow};
+use crate::trace::{self, Cx, Propagate};
 use crate::upstream::ControlError;
 use crate::upstream::attempt::{DEADLINE_SLACK, Deadline, Failure};
+use crate::{Shared, access_log};
 
 /// Budget for metadata-style calls.
 const CONTROL_BUDGET: Duration = Duration::from_secs(5);
@@ -72,6 +76,141 @@ pub(crate) async fn infer(
     client_left: impl std::future::Future<Output = ()>,
     said: &mut ReplyHeaders,
 ) -> Result<Bytes, GatewayError> {
+    let headers = request.headers;
+    if shared.tracing.is_none() && shared.access_log.is_none() {
+        // The caller's trace context goes on to the backends as it came.
+        let caller = Propagate::from_caller(headers);
+        let cx = Cx::new(None, None, caller.as_ref());
+        return routed(shared, snapshot, request, client_left, said, cx, None).await;
+    }
+    let arrived = SystemTime::now();
+    let (protocol, start) = (request.protocol, request.start);
+    let route_name = request.message.model_name.clone();
+    let parent = w3c::remote_parent(
+        headers.get(w3c::TRACEPARENT).map(HeaderValue::as_bytes),
+        headers.get(w3c::TRACESTATE).map(HeaderValue::as_bytes),
+    );
+    let span = shared.tracing.as_ref().map(|t| {
+        t.span(
+            format!("infer {route_name}"),
+            SpanKind::Server,
+            parent.as_ref(),
+            vec![
+                KeyValue::new("switchyard.route", route_name.clone()),
+                KeyValue::new("switchyard.protocol", PROTOCOLS[protocol as usize]),
+                KeyValue::new("switchyard.policy_version", snapshot.version as i64),
+            ],
+        )
+    });
+    let span_cx = trace::context(&span);
+    let caller = match span {
+        None => Propagate::from_caller(headers),
+        Some(_) => None,
+    };
+    let cx = Cx::new(shared.tracing.as_ref(), span_cx.as_ref(), caller.as_ref());
+    let mut seen = Seen::default();
+    let result = routed(
+        shared,
+        snapshot,
+        request,
+        client_left,
+        said,
+        cx,
+        Some(&mut seen),
+    )
+    .await;
+    let rescued = result.as_ref().err().map(GatewayError::rescue);
+    let (status, grpc_status) = rescued.as_ref().map_or((200, 0), |r| (r.http, r.grpc));
+    let outcome = result
+        .as_ref()
+        .err()
+        .map_or(Outcome::Ok, GatewayError::outcome);
+    let text =
+        |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let target = text(&said.target);
+    trace::end(
+        span,
+        || {
+            let mut a = vec![
+                KeyValue::new("switchyard.result", outcome.label()),
+                KeyValue::new("rpc.grpc.status_code", i64::from(grpc_status)),
+                KeyValue::new("http.response.status_code", i64::from(status)),
+            ];
+            let mut add = |k: &'static str, v: Option<String>| {
+                if let Some(v) = v {
+                    a.push(KeyValue::new(k, v));
+                }
+            };
+            add("switchyard.plan", seen.plan.as_deref().map(str::to_owned));
+            add("switchyard.target", target.clone());
+            add("switchyard.cache", said.cache.map(str::to_owned));
+            add("switchyard.cascade", said.cascade.map(str::to_owned));
+            add("switchyard.cascade.stage", text(&said.cascade_stage));
+            add("switchyard.shadow", said.shadow.map(str::to_owned));
+            add("switchyard.rollout", text(&said.rollout));
+            add("switchyard.pipeline", text(&said.pipeline));
+            add("switchyard.switch", text(&said.switch));
+            add("switchyard.overflow", text(&said.overflow));
+            add("error.message", rescued.as_ref().map(|r| r.message.clone()));
+            a
+        },
+        rescued.as_ref().map(|r| r.message.as_str()),
+    );
+    if let Some(log) = &shared.access_log {
+        let trace_id = span_cx
+            .as_ref()
+            .or(parent.as_ref())
+            .filter(|c| c.is_valid())
+            .map(w3c::trace_id);
+        let (stage, rollout, pipeline, switch, overflow) = (
+            text(&said.cascade_stage),
+            text(&said.rollout),
+            text(&said.pipeline),
+            text(&said.switch),
+            text(&said.overflow),
+        );
+        log.write(&access_log::Line {
+            time: access_log::timestamp(arrived),
+            route: &route_name,
+            plan: seen.plan.as_deref(),
+            target: target.as_deref(),
+            protocol: PROTOCOLS[protocol as usize],
+            status,
+            grpc_status,
+            latency_ms: start.elapsed().as_secs_f64() * 1000.0,
+            result: outcome.label(),
+            policy_version: snapshot.version,
+            cache: said.cache,
+            cascade: said.cascade,
+            cascade_stage: stage.as_deref(),
+            shadow: said.shadow,
+            rollout: rollout.as_deref(),
+            pipeline: pipeline.as_deref(),
+            switch: switch.as_deref(),
+            overflow: overflow.as_deref(),
+            trace_id,
+            error: rescued.map(|r| r.message),
+        });
+    }
+    result
+}
+
+/// What the routed part of a request tells the span and the access log.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The decided plan's name.
+    plan: Option<Arc<str>>,
+}
+
+async fn routed(
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
+    request: Inference<'_>,
+    client_left: impl std::future::Future<Output = ()>,
+    said: &mut ReplyHeaders,
+    trace: Cx<'_>,
+    seen: Option<&mut Seen>,
+) -> Result<Bytes, GatewayError> {
     let Inference {
         headers,
         message,
@@ -109,6 +248,9 @@ pub(crate) async fn infer(
         }
         _ => (decision, None),
     };
+    if let Some(seen) = seen {
+        seen.plan = Some(entry.route.plan_name(decision.plan));
+    }
     // The client's own deadline: its grpc-timeout or its Triton `timeout` parameter.
     let clients = message.timeout_us.map(Duration::from_micros);
     let client = match (client_deadline, clients) {
@@ -123,7 +265,8 @@ pub(crate) async fn infer(
         (&message, headers),
         random,
         deadline,
-    );
+    )
+    .traced(trace);
     let report = start_shadow(&exec, (shared, snapshot, entry), &decision, arm, said);
     let run = async {
         match &entry.cache {
@@ -218,6 +361,7 @@ fn start_shadow(
                 headers: exec.headers.clone(),
                 random: exec.random,
                 deadline: exec.deadline,
+                trace: exec.trace.parent().cloned(),
             };
             let report = shadow::start(stats.clone(), gate, copy.run(spec.plan));
             said.shadow = Some(if report.is_some() { "sent" } else { "dropped" });

@@ -94,6 +94,11 @@ impl std::fmt::Debug for RouteCache {
 }
 
 impl RouteCache {
+    /// Its counters.
+    pub(crate) fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
+    }
+
     pub(crate) fn new(ttl: std::time::Duration, max_bytes: u64, metrics: CacheMetrics) -> Self {
         // A route's new cache (its plans changed) replaces the old one in the gauge too.
         metrics.bytes.set(0);

@@ -59,20 +59,33 @@ pub(crate) enum AnsweredBy {
 
 /// Runs a plan of the current route to completion.
 pub(crate) trait Invoker: Send + Sync {
-    /// Runs `plan` on the client's request.
-    fn run(
-        &self,
+    /// Runs `plan`, as `part` of a strategy, on the client's request.
+    fn run<'a>(
+        &'a self,
         plan: PlanId,
         deadline: Instant,
-    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>>;
+        part: Part<'a>,
+    ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'a>>;
 
-    /// Runs `plan` on another request (a pipeline step's).
+    /// Runs `plan`, as `part` of a strategy, on another request (a pipeline step's).
     fn run_with<'a>(
         &'a self,
         plan: PlanId,
         message: &'a switchyard_proto::wire::InferMessage,
         deadline: Instant,
+        part: Part<'a>,
     ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'a>>;
+}
+
+/// What a plan runs as inside a strategy (its span in the request's trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part<'a> {
+    /// A cascade's stage, 0-based.
+    Stage(usize),
+    /// An ensemble's member, 0-based.
+    Member(usize),
+    /// A pipeline's step, 0-based, with its name.
+    Step(usize, &'a str),
 }
 
 /// Why a cascade answered from the stage it did.
@@ -167,7 +180,7 @@ pub(crate) async fn cascade(
             });
         }
         let started = Instant::now();
-        let answer = match invoker.run(stage.plan, deadline).await {
+        let answer = match invoker.run(stage.plan, deadline, Part::Stage(i)).await {
             Ok(a) => a,
             Err(e) => {
                 stats.metrics.failed[i].inc();
@@ -246,7 +259,12 @@ pub(crate) async fn ensemble(
                 .member_timeout
                 .map_or(deadline, |t| deadline.min(Instant::now() + t));
             async move {
-                let result = match tokio::time::timeout_at(until, invoker.run(*plan, until)).await {
+                let result = match tokio::time::timeout_at(
+                    until,
+                    invoker.run(*plan, until, Part::Member(i)),
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(GatewayError::Deadline {
                         route: String::new(),
@@ -360,11 +378,12 @@ pub(crate) mod tests {
     }
 
     impl Invoker for Fake {
-        fn run(
-            &self,
+        fn run<'a>(
+            &'a self,
             plan: PlanId,
             deadline: Instant,
-        ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + '_>> {
+            _: Part<'a>,
+        ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'a>> {
             self.calls[plan.0 as usize].fetch_add(1, Ordering::SeqCst);
             let (delay, result) = self.script[&plan.0].clone();
             Box::pin(async move {
@@ -401,8 +420,9 @@ pub(crate) mod tests {
             plan: PlanId,
             _: &'a switchyard_proto::wire::InferMessage,
             deadline: Instant,
+            part: Part<'a>,
         ) -> Pin<Box<dyn Future<Output = Result<Answer, GatewayError>> + Send + 'a>> {
-            self.run(plan, deadline)
+            self.run(plan, deadline, part)
         }
     }
 

@@ -19,7 +19,7 @@ use switchyard_proto::inference::{InferTensorContents, ModelInferRequest, ModelI
 use switchyard_proto::wire::InferMessage;
 use tokio::time::Instant;
 
-use super::{Answer, AnsweredBy, Invoker, Latencies};
+use super::{Answer, AnsweredBy, Invoker, Latencies, Part};
 use crate::error::GatewayError;
 use crate::metrics::PipelineMetrics;
 use crate::routing::{Mapping, Pipeline, PlanId, Source};
@@ -245,7 +245,7 @@ pub(crate) async fn pipeline(
         }
         let message;
         let run = match &step.inputs {
-            None => invoker.run(step.plan, deadline),
+            None => invoker.run(step.plan, deadline, Part::Step(i, &step.name)),
             Some(inputs) => {
                 let mut tensors: Vec<(&str, Raw)> = Vec::with_capacity(inputs.len());
                 for m in inputs.iter() {
@@ -259,7 +259,7 @@ pub(crate) async fn pipeline(
                 }
                 let refs: Vec<(&str, &Raw)> = tensors.iter().map(|(n, r)| (*n, r)).collect();
                 message = step_message(client, &id, &refs);
-                invoker.run_with(step.plan, &message, deadline)
+                invoker.run_with(step.plan, &message, deadline, Part::Step(i, &step.name))
             }
         };
         let started = Instant::now();

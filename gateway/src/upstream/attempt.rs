@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use tokio::time::Instant;
 
 use super::budget::RetryBudget;
-use super::client::{CallError, Reply};
+use super::client::{CallError, Marks, Reply};
 use super::{Endpoint, Upstreams};
 use crate::error::{GatewayError, is_upstream_failure};
 use crate::grpc::MODEL_INFER;
@@ -26,6 +28,7 @@ use crate::grpc::status::code;
 use crate::metrics::Attempt;
 use crate::routing::{Class, Decision, TargetId};
 use crate::snapshot::RouteEntry;
+use crate::trace::{self, Cx};
 
 /// A backend's timeout (or a client leaving) this close to the request's deadline is
 /// the deadline passing.
@@ -42,7 +45,7 @@ pub(crate) trait Call: Sync {
         path: &'static str,
         message: &[Bytes],
         budget: Duration,
-        shadow: bool,
+        marks: Marks<'_>,
     ) -> impl Future<Output = Result<Reply, CallError>> + Send;
 }
 
@@ -53,9 +56,9 @@ impl Call for Upstreams {
         path: &'static str,
         message: &[Bytes],
         budget: Duration,
-        shadow: bool,
+        marks: Marks<'_>,
     ) -> impl Future<Output = Result<Reply, CallError>> + Send {
-        Upstreams::call(self, endpoint, path, message, budget, shadow)
+        Upstreams::call(self, endpoint, path, message, budget, marks)
     }
 }
 
@@ -286,7 +289,7 @@ fn says_full(status: i32, message: &str) -> bool {
 
 /// How one inference runs.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Options {
+pub(crate) struct Options<'a> {
     /// Whether the route's fallback targets and the decision's other split members may
     /// answer when the chosen target cannot (top-level decisions only).
     pub(crate) fallback: bool,
@@ -294,6 +297,8 @@ pub(crate) struct Options {
     pub(crate) shadow: bool,
     /// The request's priority class: how full an endpoint may be for it.
     pub(crate) class: Class,
+    /// Where attempts' spans hang in the request's trace.
+    pub(crate) trace: Cx<'a>,
 }
 
 /// A successful inference: which target answered and its `ModelInferResponse` bytes.
@@ -333,7 +338,7 @@ pub(crate) async fn infer<C: Call>(
     decision: &Decision,
     message: &InferMessage,
     deadline: Deadline,
-    options: Options,
+    options: Options<'_>,
 ) -> Result<Answer, Failure> {
     let route = &entry.route;
     let _active = upstream.budget.enter();
@@ -462,11 +467,50 @@ pub(crate) async fn infer<C: Call>(
         }
         let chunks = message.chunks(&spec.model, &spec.version, left.as_micros() as u64);
         endpoint.requests.inc();
+        let span = options.trace.child(
+            || format!("attempt {}", spec.name),
+            SpanKind::Client,
+            || {
+                vec![
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.method", "ModelInfer"),
+                    KeyValue::new("server.address", endpoint.address.clone()),
+                    KeyValue::new("switchyard.target", spec.name.to_string()),
+                    KeyValue::new(
+                        "switchyard.model",
+                        format!("{}/{}", spec.model, spec.version),
+                    ),
+                    KeyValue::new("switchyard.attempt", i64::from(attempts)),
+                ]
+            },
+        );
+        let span_cx = trace::context(&span);
+        let propagate = match &span_cx {
+            Some(cx) => options.trace.under(cx).propagate(),
+            None => options.trace.propagate(),
+        };
+        let marks = Marks {
+            shadow: options.shadow,
+            trace: propagate.as_ref(),
+        };
         let result = upstream
             .call
-            .call(&endpoint, MODEL_INFER, &chunks, left, options.shadow)
+            .call(&endpoint, MODEL_INFER, &chunks, left, marks)
             .await;
         let mut classified = classify(result, &deadline, Instant::now(), &route.name, &spec.name);
+        trace::end(
+            span,
+            || {
+                vec![KeyValue::new(
+                    "switchyard.outcome",
+                    classified.metric.label(),
+                )]
+            },
+            match &classified.attempted {
+                Attempted::Answered(_) => None,
+                _ => Some(classified.metric.label()),
+            },
+        );
         if let Attempted::Failed {
             gone: true, sent, ..
         } = classified.attempted
@@ -819,7 +863,7 @@ mod tests {
             _path: &'static str,
             _message: &[Bytes],
             _budget: Duration,
-            _shadow: bool,
+            _marks: Marks<'_>,
         ) -> impl Future<Output = Result<Reply, CallError>> + Send {
             self.calls.lock().push(endpoint.address.clone());
             let next = self
@@ -909,6 +953,7 @@ mod tests {
                 fallback,
                 shadow: false,
                 class: Class::ONLY,
+                trace: Cx::default(),
             },
         )
         .await

@@ -24,10 +24,12 @@ use http::header::{CONTENT_TYPE, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use prometheus::IntGauge;
+use switchyard_proto::trace as w3c;
 use tracing::debug;
 
 use crate::grpc::frame::{Gather, frame, unframe};
 use crate::grpc::status::{code, grpc_status, grpc_timeout};
+use crate::trace::Propagate;
 use crate::upstream::Endpoint;
 
 /// A gRPC reply: status, message and the response message (without its frame header).
@@ -56,19 +58,29 @@ pub(crate) enum CallError {
     TooLarge { endpoint: String, limit: u64 },
 }
 
+/// What a call says of itself beyond the message: whether it is a shadow copy, and the
+/// trace it belongs to.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Marks<'a> {
+    /// A shadow copy: `x-switchyard-shadow: 1`.
+    pub(crate) shadow: bool,
+    /// `traceparent` (and `tracestate`): the backend's spans continue the trace.
+    pub(crate) trace: Option<&'a Propagate>,
+}
+
 /// One unary call: `path` (`/inference.GRPCInferenceService/ModelInfer`), the message as
-/// chunks, within `budget`. The remaining budget travels as `grpc-timeout`; shadow copies
-/// carry `x-switchyard-shadow: 1`.
+/// chunks, within `budget`. The remaining budget travels as `grpc-timeout`; `marks` say
+/// what else the call carries.
 pub(crate) async fn unary(
     endpoint: &Endpoint,
     path: &'static str,
     message: &[Bytes],
     budget: Duration,
-    shadow: bool,
+    marks: Marks<'_>,
 ) -> Result<Reply, CallError> {
     // Counted here, so a call cut short by its budget leaves the count too.
     let _stream = InFlight::new(&endpoint.streams);
-    match tokio::time::timeout(budget, exchange(endpoint, path, message, budget, shadow)).await {
+    match tokio::time::timeout(budget, exchange(endpoint, path, message, budget, marks)).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout {
             endpoint: endpoint.address.clone(),
@@ -237,7 +249,7 @@ async fn keepalive(pings: Option<h2::PingPong>, interval: Duration) {
 }
 
 /// The request header of one call.
-fn request(dial: &Dial, path: &'static str, budget: Duration, shadow: bool) -> Request<()> {
+fn request(dial: &Dial, path: &'static str, budget: Duration, marks: Marks<'_>) -> Request<()> {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(dial.authority.clone());
@@ -246,7 +258,7 @@ fn request(dial: &Dial, path: &'static str, budget: Duration, shadow: bool) -> R
     *req.method_mut() = Method::POST;
     *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
     let headers: &mut HeaderMap = req.headers_mut();
-    headers.reserve(4);
+    headers.reserve(6);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(TE, HeaderValue::from_static("trailers"));
     if let Ok(mut v) = HeaderValue::try_from(grpc_timeout(budget)) {
@@ -255,12 +267,21 @@ fn request(dial: &Dial, path: &'static str, budget: Duration, shadow: bool) -> R
         v.set_sensitive(true);
         headers.insert(HeaderName::from_static("grpc-timeout"), v);
     }
-    if shadow {
+    if marks.shadow {
         // Backends (and their logs and metrics) can tell shadow traffic apart.
         headers.insert(
             HeaderName::from_static("x-switchyard-shadow"),
             HeaderValue::from_static("1"),
         );
+    }
+    if let Some(t) = marks.trace {
+        // A new span id per call: never indexed, like grpc-timeout.
+        let mut parent = t.traceparent.clone();
+        parent.set_sensitive(true);
+        headers.insert(HeaderName::from_static(w3c::TRACEPARENT), parent);
+        if let Some(state) = &t.tracestate {
+            headers.insert(HeaderName::from_static(w3c::TRACESTATE), state.clone());
+        }
     }
     req
 }
@@ -270,7 +291,7 @@ async fn exchange(
     path: &'static str,
     message: &[Bytes],
     budget: Duration,
-    shadow: bool,
+    marks: Marks<'_>,
 ) -> Result<Reply, CallError> {
     let address = endpoint.address.as_str();
     let transport = |e: h2::Error| CallError::Transport {
@@ -279,7 +300,7 @@ async fn exchange(
     };
     let mut send = ready(endpoint).await?;
     let (response, mut body) =
-        match send.send_request(request(&endpoint.dial, path, budget, shadow), false) {
+        match send.send_request(request(&endpoint.dial, path, budget, marks), false) {
             Ok(pair) => pair,
             // Refused before a byte of this stream left: the connection had just closed.
             Err(e) => {

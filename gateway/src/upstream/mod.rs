@@ -588,9 +588,9 @@ impl Upstreams {
         path: &'static str,
         message: &[Bytes],
         budget: Duration,
-        shadow: bool,
+        marks: client::Marks<'_>,
     ) -> Result<Reply, CallError> {
-        client::unary(endpoint, path, message, budget, shadow).await
+        client::unary(endpoint, path, message, budget, marks).await
     }
 
     /// One typed unary call (health, metadata, config, statistics): encodes `req`, checks
@@ -608,7 +608,7 @@ impl Upstreams {
                 path,
                 &[Bytes::from(req.encode_to_vec())],
                 budget,
-                false,
+                client::Marks::default(),
             )
             .await?;
         if reply.status != code::OK {
