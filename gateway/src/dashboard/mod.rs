@@ -200,10 +200,15 @@ impl Delta {
             "requests": t.requests,
             "errors": t.errors,
             "error_rate": (t.requests > 0).then(|| t.errors as f64 / t.requests as f64),
-            "p50_ms": quantile(&t.buckets, 0.5).map(|s| s * 1000.0),
-            "p99_ms": quantile(&t.buckets, 0.99).map(|s| s * 1000.0),
+            "p50_ms": quantile(&t.buckets, 0.5).map(ms),
+            "p99_ms": quantile(&t.buckets, 0.99).map(ms),
         })
     }
+}
+
+/// Seconds as milliseconds, to the microsecond.
+fn ms(seconds: f64) -> f64 {
+    (seconds * 1e6).round() / 1e3
 }
 
 /// The `q` quantile of bucketed durations, interpolated inside its bucket as Prometheus'
