@@ -53,6 +53,16 @@ pub enum Accept {
     Margin(f64),
 }
 
+impl Accept {
+    /// The test in words, on the named output: `top value of probabilities >= 0.9`.
+    pub fn describe(&self, output: &str) -> String {
+        match self {
+            Self::MaxProbability(x) => format!("top value of {output} >= {x}"),
+            Self::Margin(x) => format!("top-two margin of {output} >= {x}"),
+        }
+    }
+}
+
 /// The test an `accept:` block asks for: exactly one of `max_probability` and `margin`,
 /// above 0 and at most 1.
 pub fn accept(max_probability: Option<f64>, margin: Option<f64>) -> Result<Accept, String> {

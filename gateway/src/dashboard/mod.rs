@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::Shared;
 use crate::metrics::{DURATION_BUCKETS, Totals};
-use crate::routing::{Accept, Plan, PlanId, Route};
+use crate::routing::{Plan, PlanId, Route};
 use crate::snapshot::{RouteEntry, Snapshot};
 
 /// The page, with its style and script inline.
@@ -418,10 +418,7 @@ fn plan(route: &Route, id: PlanId, depth: usize) -> Value {
                 let output = st.output.as_deref().unwrap_or("the first output");
                 json!({
                     "plan": sub(st.plan),
-                    "accept": st.accept.as_ref().map(|a| match a {
-                        Accept::MaxProbability(x) => format!("top value of {output} >= {x}"),
-                        Accept::Margin(x) => format!("top-two margin of {output} >= {x}"),
-                    }),
+                    "accept": st.accept.as_ref().map(|a| a.describe(output)),
                 })
             }).collect::<Vec<_>>(),
         }),
@@ -442,19 +439,7 @@ fn plan(route: &Route, id: PlanId, depth: usize) -> Value {
             "kind": "switch",
             "name": &*name,
             "on": sub(s.on),
-            "cases": s.cases.iter().map(|c| {
-                let mut when = Vec::new();
-                if let Some(a) = &c.when.argmax {
-                    when.push(format!("argmax in {a:?}"));
-                }
-                if let Some(x) = c.when.max_probability_below {
-                    when.push(format!("top value < {x}"));
-                }
-                if let Some(x) = c.when.margin_below {
-                    when.push(format!("top-two margin < {x}"));
-                }
-                json!({ "when": when.join(" and "), "plan": sub(c.plan) })
-            }).collect::<Vec<_>>(),
+            "cases": s.cases.iter().map(|c| json!({ "when": c.when.describe(), "plan": sub(c.plan) })).collect::<Vec<_>>(),
             "default": sub(s.default),
         }),
     }

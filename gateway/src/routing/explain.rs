@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use http::HeaderMap;
 
-use super::{Accept, Draw, Mapping, Plan, PlanId, Reason, Route, Source, Split};
+use super::{Draw, Mapping, Plan, PlanId, Reason, Route, Source, Split};
 
 /// Explains the decision for a request to `route` with `headers` and `model_version`.
 pub fn explain(route: &Route, headers: &HeaderMap, model_version: &str) -> String {
@@ -134,13 +134,9 @@ fn describe_plan(out: &mut String, route: &Route, plan: PlanId, depth: usize) {
             let _ = writeln!(out, "{pad}cascade of {} stages:", stages.len());
             for (i, st) in stages.iter().enumerate() {
                 let test = match &st.accept {
-                    Some(Accept::MaxProbability(x)) => format!(
-                        "answers if every row's top value of {} >= {x}",
-                        st.output.as_deref().unwrap_or("the first output")
-                    ),
-                    Some(Accept::Margin(x)) => format!(
-                        "answers if every row's top-two margin of {} >= {x}",
-                        st.output.as_deref().unwrap_or("the first output")
+                    Some(a) => format!(
+                        "answers if every row's {}",
+                        a.describe(st.output.as_deref().unwrap_or("the first output"))
                     ),
                     None => "always answers".to_owned(),
                 };
@@ -211,21 +207,11 @@ fn describe_plan(out: &mut String, route: &Route, plan: PlanId, depth: usize) {
             );
             describe_plan(out, route, sw.on, depth + 2);
             for (i, c) in sw.cases.iter().enumerate() {
-                let mut conds = Vec::new();
-                if let Some(classes) = &c.when.argmax {
-                    conds.push(format!("top class in {classes:?}"));
-                }
-                if let Some(x) = c.when.max_probability_below {
-                    conds.push(format!("top value < {x}"));
-                }
-                if let Some(x) = c.when.margin_below {
-                    conds.push(format!("top-two margin < {x}"));
-                }
                 let _ = writeln!(
                     out,
                     "{pad}  case {} (every row: {}): {}",
                     i + 1,
-                    conds.join(" and "),
+                    c.when.describe(),
                     route.plan_name(c.plan)
                 );
                 describe_plan(out, route, c.plan, depth + 2);

@@ -136,6 +136,23 @@ pub struct When {
     pub margin_below: Option<f64>,
 }
 
+impl When {
+    /// The condition in words: `top class in [3, 5] and top value < 0.6`.
+    pub fn describe(&self) -> String {
+        let mut conds = Vec::new();
+        if let Some(classes) = &self.argmax {
+            conds.push(format!("top class in {classes:?}"));
+        }
+        if let Some(x) = self.max_probability_below {
+            conds.push(format!("top value < {x}"));
+        }
+        if let Some(x) = self.margin_below {
+            conds.push(format!("top-two margin < {x}"));
+        }
+        conds.join(" and ")
+    }
+}
+
 /// One switch case.
 #[derive(Debug, Clone)]
 pub struct Case {
