@@ -369,6 +369,27 @@ async fn a_request_without_traceparent_starts_a_trace_that_the_access_log_names(
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let r = http(gw.http, "POST", "/v2/models/nope/infer", &[], &body).await;
     assert_eq!(r.status, 404);
+    // Refused before routing: a body that is not JSON.
+    let r = http(
+        gw.http,
+        "POST",
+        "/v2/models/digits-cascade/infer",
+        &[],
+        b"{not json",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    // And over gRPC: bytes that are no ModelInferRequest (field 1 claims 100 bytes).
+    let mut raw = raw_client(gw.grpc).await;
+    raw.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/inference.GRPCInferenceService/ModelInfer",
+    );
+    let status = raw
+        .unary(tonic::Request::new(vec![0x0a, 100, b'x']), path, RawCodec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     let log = gw.dir.path().join("access.log");
     let lines = {
         let start = Instant::now();
@@ -378,13 +399,13 @@ async fn a_request_without_traceparent_starts_a_trace_that_the_access_log_names(
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
                 .collect();
-            if lines.len() >= 2 || start.elapsed() > Duration::from_secs(10) {
+            if lines.len() >= 4 || start.elapsed() > Duration::from_secs(10) {
                 break lines;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines.len(), 4, "{lines:#?}");
     let ok = &lines[0];
     assert_eq!(ok["route"], "digits-cascade");
     assert_eq!(ok["plan"], "cascade");
@@ -411,6 +432,23 @@ async fn a_request_without_traceparent_starts_a_trace_that_the_access_log_names(
             .contains("digits-cascade"),
         "the error names the routes there are: {refused}"
     );
+    let malformed = &lines[2];
+    assert_eq!(malformed["route"], "digits-cascade");
+    assert_eq!(malformed["status"], 400);
+    assert_eq!(malformed["result"], "client_error");
+    assert!(malformed.get("plan").is_none(), "{malformed}");
+    assert!(
+        malformed["error"].as_str().unwrap().contains("JSON"),
+        "{malformed}"
+    );
+    let undecodable = &lines[3];
+    assert_eq!(
+        undecodable["route"], "-",
+        "the route is in the unreadable message"
+    );
+    assert_eq!(undecodable["protocol"], "grpc");
+    assert_eq!(undecodable["grpc_status"], 3);
+    assert_eq!(undecodable["result"], "client_error");
 
     // The trace the gateway started is the one the log names, and it reached the
     // backends.
@@ -428,7 +466,7 @@ async fn a_request_without_traceparent_starts_a_trace_that_the_access_log_names(
     let metrics = gw.metrics().await;
     assert_eq!(
         metric(&metrics, "switchyard_access_log_lines_total", &[]),
-        2.0
+        4.0
     );
     assert_eq!(
         metric(&metrics, "switchyard_access_log_dropped_total", &[]),

@@ -214,26 +214,39 @@ async fn handle(
         )));
     };
     let headers = &parts.headers;
+    if method == "ModelInfer" {
+        let limits = &shared.config.limits;
+        let parsed = async {
+            let body = read_body(headers, &mut body, limits).await?;
+            let message = unframe(body).map_err(GatewayError::BadRequest)?;
+            Ok::<_, GatewayError>(split_infer_request(&message)?)
+        };
+        let msg = match parsed.await {
+            Ok(m) => m,
+            Err(e) => {
+                // The route is inside the message that could not be read.
+                models::refused(shared, snapshot, "-", PROTOCOL, start, &e);
+                return Err(e);
+            }
+        };
+        let deadline = headers
+            .get("grpc-timeout")
+            .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
+        let request = models::Inference {
+            headers,
+            message: msg,
+            client_deadline: deadline,
+            protocol: PROTOCOL,
+            start,
+        };
+        return models::infer(shared, snapshot, request, client_leaves(respond), said).await;
+    }
     let body = read_body(headers, &mut body, &shared.config.limits).await?;
     let message = unframe(body).map_err(GatewayError::BadRequest)?;
     let bad = |what: &str, e: prost::DecodeError| {
         GatewayError::BadRequest(format!("cannot decode {what}: {e}"))
     };
     match method {
-        "ModelInfer" => {
-            let msg = split_infer_request(&message)?;
-            let deadline = headers
-                .get("grpc-timeout")
-                .and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
-            let request = models::Inference {
-                headers,
-                message: msg,
-                client_deadline: deadline,
-                protocol: PROTOCOL,
-                start,
-            };
-            models::infer(shared, snapshot, request, client_leaves(respond), said).await
-        }
         "ServerLive" => Ok(encode(&ServerLiveResponse { live: true })),
         "ServerReady" => Ok(encode(&ServerReadyResponse {
             ready: shared.is_ready(),

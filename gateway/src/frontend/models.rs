@@ -196,6 +196,45 @@ pub(crate) async fn infer(
     result
 }
 
+/// The access log's line for an inference refused before it could be routed: a body
+/// that did not arrive whole, a message that does not decode. `route` is the route the
+/// URL names, or `-` when it is inside the unreadable message.
+pub(crate) fn refused(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    route: &str,
+    protocol: Protocol,
+    start: Instant,
+    error: &GatewayError,
+) {
+    let Some(log) = &shared.access_log else {
+        return;
+    };
+    let r = error.rescue();
+    log.write(&access_log::Line {
+        time: access_log::timestamp(SystemTime::now() - start.elapsed()),
+        route,
+        plan: None,
+        target: None,
+        protocol: PROTOCOLS[protocol as usize],
+        status: r.http,
+        grpc_status: r.grpc,
+        latency_ms: (start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        result: error.outcome().label(),
+        policy_version: snapshot.version,
+        cache: None,
+        cascade: None,
+        cascade_stage: None,
+        shadow: None,
+        rollout: None,
+        pipeline: None,
+        switch: None,
+        overflow: None,
+        trace_id: None,
+        error: Some(r.message),
+    });
+}
+
 /// What the routed part of a request tells the span and the access log.
 #[derive(Debug, Default)]
 struct Seen {

@@ -249,33 +249,43 @@ async fn infer(
     start: Instant,
     said: &mut ReplyHeaders,
 ) -> Result<Reply, GatewayError> {
-    let header_len = match session
-        .req_header()
-        .headers
-        .get("inference-header-content-length")
-    {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    GatewayError::BadRequest(
-                        "Inference-Header-Content-Length must be a number of bytes".to_owned(),
-                    )
-                })?,
-        ),
+    let parsed = async {
+        let header_len = match session
+            .req_header()
+            .headers
+            .get("inference-header-content-length")
+        {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        GatewayError::BadRequest(
+                            "Inference-Header-Content-Length must be a number of bytes".to_owned(),
+                        )
+                    })?,
+            ),
+        };
+        let body = read_body(session, &shared.config.limits).await?;
+        let (mut req, format): (ModelInferRequest, _) =
+            parse_request(&body, header_len).map_err(GatewayError::BadRequest)?;
+        req.model_name = route.to_owned();
+        req.model_version = version.to_owned();
+        // The tensors go out as the chunks they already are, after the rest of the
+        // message: encoding them into one buffer would copy every byte once more.
+        let tensors = std::mem::take(&mut req.raw_input_contents);
+        let mut message = split_infer_request(&Bytes::from(req.encode_to_vec()))?;
+        message.tensors = tensors;
+        Ok((message, format))
     };
-    let body = read_body(session, &shared.config.limits).await?;
-    let (mut req, format): (ModelInferRequest, _) =
-        parse_request(&body, header_len).map_err(GatewayError::BadRequest)?;
-    req.model_name = route.to_owned();
-    req.model_version = version.to_owned();
-    // The tensors go out as the chunks they already are, after the rest of the message:
-    // encoding them into one buffer would copy every byte once more.
-    let tensors = std::mem::take(&mut req.raw_input_contents);
-    let mut message = split_infer_request(&Bytes::from(req.encode_to_vec()))?;
-    message.tensors = tensors;
+    let (message, format) = match parsed.await {
+        Ok(p) => p,
+        Err(e) => {
+            models::refused(shared, snapshot, route, PROTOCOL, start, &e);
+            return Err(e);
+        }
+    };
     let headers = session.req_header().headers.clone();
     let request = models::Inference {
         headers: &headers,
