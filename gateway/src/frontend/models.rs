@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::KeyValue;
-use opentelemetry::trace::SpanKind;
+use opentelemetry::trace::{Span as _, SpanKind};
 use prost::Message;
 use switchyard_proto::inference::model_metadata_response::TensorMetadata;
 use switchyard_proto::inference::{
@@ -91,16 +91,21 @@ pub(crate) async fn infer(
         headers.get(w3c::TRACESTATE).map(HeaderValue::as_bytes),
     );
     let span = shared.tracing.as_ref().map(|t| {
-        t.span(
+        let mut span = t.span(
             format!("infer {route_name}"),
             SpanKind::Server,
             parent.as_ref(),
-            vec![
+            Vec::new(),
+        );
+        // A request the sampler drops gets a span that records nothing: no attributes.
+        if span.is_recording() {
+            span.set_attributes([
                 KeyValue::new("switchyard.route", route_name.clone()),
                 KeyValue::new("switchyard.protocol", PROTOCOLS[protocol as usize]),
                 KeyValue::new("switchyard.policy_version", snapshot.version as i64),
-            ],
-        )
+            ]);
+        }
+        span
     });
     let span_cx = trace::context(&span);
     let caller = match span {
@@ -125,8 +130,9 @@ pub(crate) async fn infer(
         .as_ref()
         .err()
         .map_or(Outcome::Ok, GatewayError::outcome);
-    let text =
-        |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
+    fn text(v: &Option<HeaderValue>) -> Option<&str> {
+        v.as_ref().and_then(|v| v.to_str().ok())
+    }
     let target = text(&said.target);
     trace::end(
         span,
@@ -136,22 +142,25 @@ pub(crate) async fn infer(
                 KeyValue::new("rpc.grpc.status_code", i64::from(grpc_status)),
                 KeyValue::new("http.response.status_code", i64::from(status)),
             ];
-            let mut add = |k: &'static str, v: Option<String>| {
+            let mut add = |k: &'static str, v: Option<&str>| {
                 if let Some(v) = v {
-                    a.push(KeyValue::new(k, v));
+                    a.push(KeyValue::new(k, v.to_owned()));
                 }
             };
-            add("switchyard.plan", seen.plan.as_deref().map(str::to_owned));
-            add("switchyard.target", target.clone());
-            add("switchyard.cache", said.cache.map(str::to_owned));
-            add("switchyard.cascade", said.cascade.map(str::to_owned));
+            add("switchyard.plan", seen.plan.as_deref());
+            add("switchyard.target", target);
+            add("switchyard.cache", said.cache);
+            add("switchyard.cascade", said.cascade);
             add("switchyard.cascade.stage", text(&said.cascade_stage));
-            add("switchyard.shadow", said.shadow.map(str::to_owned));
+            add("switchyard.shadow", said.shadow);
             add("switchyard.rollout", text(&said.rollout));
             add("switchyard.pipeline", text(&said.pipeline));
             add("switchyard.switch", text(&said.switch));
             add("switchyard.overflow", text(&said.overflow));
-            add("error.message", rescued.as_ref().map(|r| r.message.clone()));
+            add(
+                "error.message",
+                rescued.as_ref().map(|r| r.message.as_str()),
+            );
             a
         },
         rescued.as_ref().map(|r| r.message.as_str()),
@@ -162,18 +171,11 @@ pub(crate) async fn infer(
             .or(parent.as_ref())
             .filter(|c| c.is_valid())
             .map(w3c::trace_id);
-        let (stage, rollout, pipeline, switch, overflow) = (
-            text(&said.cascade_stage),
-            text(&said.rollout),
-            text(&said.pipeline),
-            text(&said.switch),
-            text(&said.overflow),
-        );
         log.write(&access_log::Line {
             time: access_log::timestamp(arrived),
             route: &route_name,
             plan: seen.plan.as_deref(),
-            target: target.as_deref(),
+            target,
             protocol: PROTOCOLS[protocol as usize],
             status,
             grpc_status,
@@ -183,12 +185,12 @@ pub(crate) async fn infer(
             policy_version: snapshot.version,
             cache: said.cache,
             cascade: said.cascade,
-            cascade_stage: stage.as_deref(),
+            cascade_stage: text(&said.cascade_stage),
             shadow: said.shadow,
-            rollout: rollout.as_deref(),
-            pipeline: pipeline.as_deref(),
-            switch: switch.as_deref(),
-            overflow: overflow.as_deref(),
+            rollout: text(&said.rollout),
+            pipeline: text(&said.pipeline),
+            switch: text(&said.switch),
+            overflow: text(&said.overflow),
             trace_id,
             error: rescued.map(|r| r.message),
         });
