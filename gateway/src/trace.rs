@@ -114,9 +114,12 @@ pub(crate) fn end(
     error: Option<&str>,
 ) {
     if let Some(mut span) = span {
-        span.set_attributes(attributes());
-        if let Some(e) = error {
-            span.set_status(opentelemetry::trace::Status::error(e.to_owned()));
+        // A span the sampler dropped records nothing: its attributes are not even made.
+        if span.is_recording() {
+            span.set_attributes(attributes());
+            if let Some(e) = error {
+                span.set_status(opentelemetry::trace::Status::error(e.to_owned()));
+            }
         }
         span.end();
     }
