@@ -35,8 +35,12 @@
 //!   balance mode (`round_robin`, `least_request`, `queue_aware`): each replica's share,
 //!   throughput and p50/p99, interleaved; then the reload time of a `backends:` change
 //!   under load (`benches/loadgen/balance.rs`).
+//! * `observability`: the access log and tracing (ratio 0, and every request exported to
+//!   an OTLP receiver run here) against a gateway with neither, on a single-target route
+//!   and the cascade: throughput ratios, p50/p99 and, with `--callgrind`, instructions per
+//!   request (`benches/loadgen/observability.rs`).
 //!
-//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout|pipeline|balance] [--duration 5]
+//! Run: `cargo bench --bench loadgen -- [--scenario all|backend|proxies|strategies|rollout|pipeline|balance|observability] [--duration 5]
 //! [--warmup 1] [--concurrency 1,8,32] [--pin] [--client loadgen|perf_analyzer] [--reps 1]
 //! [--workers N] [--callgrind 1000]`
 //! Client and server share the machine, so absolute numbers include the client's cost;
@@ -59,6 +63,8 @@ use tonic::transport::Channel;
 mod balance;
 #[path = "loadgen/callgrind.rs"]
 mod callgrind;
+#[path = "loadgen/observability.rs"]
+mod observability;
 #[path = "loadgen/peers.rs"]
 mod peers;
 #[path = "loadgen/pipeline.rs"]
@@ -869,6 +875,9 @@ fn main() {
     }
     if args.scenario == "balance" || args.scenario == "all" {
         balance::run(&args, &runtime);
+    }
+    if args.scenario == "observability" || args.scenario == "all" {
+        observability::run(&args, &repo, &runtime);
     }
 }
 
