@@ -694,6 +694,11 @@ impl TargetMetrics {
                 if o != Outcome::Ok as usize && o != Outcome::ClientError as usize {
                     t.errors += n;
                 }
+                // Most (protocol, result) pairs never happen: reading their buckets
+                // (metric() builds the labels and buckets) would be most of the cost.
+                if h.get_sample_count() == 0 {
+                    continue;
+                }
                 let m = h.metric();
                 let m = m.get_histogram();
                 let mut below = 0;

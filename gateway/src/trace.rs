@@ -5,10 +5,14 @@
 //! Without `tracing:` nothing is started: a caller's `traceparent` and `tracestate` go on
 //! to the backends as they came, so the gateway is transparent to the caller's trace.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanContext, SpanKind};
 use switchyard_proto::trace::{self as w3c, Span, Tracing};
+
+/// The header names, parsed once: a lookup by `&str` parses the name every time.
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static(w3c::TRACEPARENT);
+pub(crate) const TRACESTATE: HeaderName = HeaderName::from_static(w3c::TRACESTATE);
 
 /// The trace context headers a call to a backend carries.
 #[derive(Debug, Clone)]
@@ -21,8 +25,8 @@ impl Propagate {
     /// A caller's headers, as they came (tracing off).
     pub(crate) fn from_caller(headers: &HeaderMap) -> Option<Self> {
         Some(Self {
-            traceparent: headers.get(w3c::TRACEPARENT)?.clone(),
-            tracestate: headers.get(w3c::TRACESTATE).cloned(),
+            traceparent: headers.get(TRACEPARENT)?.clone(),
+            tracestate: headers.get(TRACESTATE).cloned(),
         })
     }
 

@@ -215,13 +215,11 @@ async fn handle(
     };
     let headers = &parts.headers;
     if method == "ModelInfer" {
-        let limits = &shared.config.limits;
-        let parsed = async {
-            let body = read_body(headers, &mut body, limits).await?;
-            let message = unframe(body).map_err(GatewayError::BadRequest)?;
-            Ok::<_, GatewayError>(split_infer_request(&message)?)
-        };
-        let msg = match parsed.await {
+        let parsed = read_body(headers, &mut body, &shared.config.limits)
+            .await
+            .and_then(|body| unframe(body).map_err(GatewayError::BadRequest))
+            .and_then(|message| Ok(split_infer_request(&message)?));
+        let msg = match parsed {
             Ok(m) => m,
             Err(e) => {
                 // The route is inside the message that could not be read.

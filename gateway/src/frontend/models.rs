@@ -76,19 +76,32 @@ pub(crate) async fn infer(
     client_left: impl std::future::Future<Output = ()>,
     said: &mut ReplyHeaders,
 ) -> Result<Bytes, GatewayError> {
-    let headers = request.headers;
     if shared.tracing.is_none() && shared.access_log.is_none() {
         // The caller's trace context goes on to the backends as it came.
-        let caller = Propagate::from_caller(headers);
+        let caller = Propagate::from_caller(request.headers);
         let cx = Cx::new(None, None, caller.as_ref());
         return routed(shared, snapshot, request, client_left, said, cx, None).await;
     }
+    // Boxed: the state of the span and of the log line is not carried (and moved) by
+    // every request's future when both are off.
+    Box::pin(observed(shared, snapshot, request, client_left, said)).await
+}
+
+/// [`infer`] with a span, an access log line, or both.
+async fn observed(
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
+    request: Inference<'_>,
+    client_left: impl std::future::Future<Output = ()>,
+    said: &mut ReplyHeaders,
+) -> Result<Bytes, GatewayError> {
+    let headers = request.headers;
     let arrived = SystemTime::now();
     let (protocol, start) = (request.protocol, request.start);
     let route_name = request.message.model_name.clone();
     let parent = w3c::remote_parent(
-        headers.get(w3c::TRACEPARENT).map(HeaderValue::as_bytes),
-        headers.get(w3c::TRACESTATE).map(HeaderValue::as_bytes),
+        headers.get(trace::TRACEPARENT).map(HeaderValue::as_bytes),
+        headers.get(trace::TRACESTATE).map(HeaderValue::as_bytes),
     );
     let span = shared.tracing.as_ref().map(|t| {
         let mut span = t.span(

@@ -24,7 +24,6 @@ use http::header::{CONTENT_TYPE, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use prometheus::IntGauge;
-use switchyard_proto::trace as w3c;
 use tracing::debug;
 
 use crate::grpc::frame::{Gather, frame, unframe};
@@ -258,7 +257,7 @@ fn request(dial: &Dial, path: &'static str, budget: Duration, marks: Marks<'_>) 
     *req.method_mut() = Method::POST;
     *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
     let headers: &mut HeaderMap = req.headers_mut();
-    headers.reserve(6);
+    headers.reserve(if marks.trace.is_some() { 6 } else { 4 });
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(TE, HeaderValue::from_static("trailers"));
     if let Ok(mut v) = HeaderValue::try_from(grpc_timeout(budget)) {
@@ -278,9 +277,9 @@ fn request(dial: &Dial, path: &'static str, budget: Duration, marks: Marks<'_>) 
         // A new span id per call: never indexed, like grpc-timeout.
         let mut parent = t.traceparent.clone();
         parent.set_sensitive(true);
-        headers.insert(HeaderName::from_static(w3c::TRACEPARENT), parent);
+        headers.insert(crate::trace::TRACEPARENT, parent);
         if let Some(state) = &t.tracestate {
-            headers.insert(HeaderName::from_static(w3c::TRACESTATE), state.clone());
+            headers.insert(crate::trace::TRACESTATE, state.clone());
         }
     }
     req
