@@ -95,7 +95,8 @@ pub struct SharedStateConfig {
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
     /// The OTLP/gRPC receiver (an OpenTelemetry collector, Jaeger, Tempo):
-    /// `http://host:4317`.
+    /// `http://host:4317`. Plain h2c: TLS to the receiver is not built in (a collector
+    /// beside the gateway can forward over TLS).
     pub otlp_endpoint: String,
     /// The share of traces started at the gateway that are recorded, 0 to 1. A request
     /// that arrives with a `traceparent` follows its caller's sampling flag. Default 1.

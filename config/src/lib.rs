@@ -167,7 +167,15 @@ pub fn load_gateway_config(file: &Path) -> Result<GatewayConfig, Diagnostics> {
     }
     if let Some(t) = &config.tracing {
         let at = |field: &str, message: String| Diagnostic::new(file, 0, 0, field, message);
-        if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://")) {
+        if t.otlp_endpoint.starts_with("https://") {
+            problems.push(at(
+                "tracing.otlp_endpoint",
+                format!(
+                    "'{}': TLS to the receiver is not built in; send to a collector on the same host or pod over http:// (it may forward over TLS)",
+                    t.otlp_endpoint
+                ),
+            ));
+        } else if !t.otlp_endpoint.starts_with("http://") {
             problems.push(at(
                 "tracing.otlp_endpoint",
                 format!(

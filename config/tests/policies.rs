@@ -229,3 +229,77 @@ fn the_plan_cycle_check_is_linear_in_a_deep_dag_of_named_plans() {
         "{e}"
     );
 }
+
+#[test]
+fn tracing_and_access_log_values_that_would_fail_at_start_are_refused_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |extra: &str| {
+        let file = dir.path().join("gateway.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "policies: policies\nbackends:\n  stable: {{ endpoints: [\"127.0.0.1:9001\"] }}\n{extra}"
+            ),
+        )
+        .unwrap();
+        load_gateway_config(&file).map(|c| (c.tracing, c.access_log))
+    };
+    let (tracing, log) = check(
+        "tracing: { otlp_endpoint: \"http://127.0.0.1:4317\", sample_ratio: 0.25 }\naccess_log: { path: logs/access.jsonl }\n",
+    )
+    .unwrap();
+    let tracing = tracing.unwrap();
+    assert_eq!(tracing.sample_ratio, 0.25);
+    assert_eq!(tracing.service_name, "switchyard-gateway");
+    let log = log.unwrap();
+    assert_eq!(log.buffer, 8192);
+    assert!(
+        std::path::Path::new(&log.path).starts_with(dir.path()),
+        "a relative log path is the config's folder's: {}",
+        log.path
+    );
+    assert_eq!(
+        check("access_log: { path: stderr }\n")
+            .unwrap()
+            .1
+            .unwrap()
+            .path,
+        "stderr"
+    );
+    for (extra, field, says) in [
+        (
+            "tracing: { otlp_endpoint: \"https://collector:4317\" }\n",
+            "tracing.otlp_endpoint",
+            "TLS to the receiver is not built in",
+        ),
+        (
+            "tracing: { otlp_endpoint: \"collector:4317\" }\n",
+            "tracing.otlp_endpoint",
+            "write http://host:4317",
+        ),
+        (
+            "tracing: { otlp_endpoint: \"http://c:4317\", sample_ratio: 1.5 }\n",
+            "tracing.sample_ratio",
+            "expected 0 to 1",
+        ),
+        (
+            "tracing: { otlp_endpoint: \"http://c:4317\", max_queue: 0 }\n",
+            "tracing.max_queue",
+            "expected 1 to 1048576",
+        ),
+        (
+            "access_log: { path: stderr, buffer: 0 }\n",
+            "access_log.buffer",
+            "expected 1 to 1048576",
+        ),
+        ("access_log: { path: \"\" }\n", "access_log.path", "stderr"),
+        (
+            "access_log: { path: stderr, format: text }\n",
+            "",
+            "unknown field",
+        ),
+    ] {
+        let e = check(extra).expect_err(extra).to_string();
+        assert!(e.contains(field) && e.contains(says), "{extra}: {e}");
+    }
+}

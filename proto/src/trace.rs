@@ -75,7 +75,7 @@ impl Tracing {
             .enable_all()
             .build()
             .map_err(|e| format!("the OTLP exporter's runtime: {e}"))?;
-        let exporter = {
+        let built = {
             // tonic makes its channel on the runtime it is built in.
             let _in = runtime.enter();
             opentelemetry_otlp::SpanExporter::builder()
@@ -83,7 +83,18 @@ impl Tracing {
                 .with_endpoint(settings.endpoint.clone())
                 .with_timeout(Duration::from_secs(5))
                 .build()
-                .map_err(|e| format!("tracing.endpoint {}: {e}", settings.endpoint))?
+        };
+        let exporter = match built {
+            Ok(e) => e,
+            Err(e) => {
+                // Dropped in place, a runtime waits for its thread: forbidden (a panic)
+                // in the async context the gateway and the backend start in.
+                runtime.shutdown_background();
+                return Err(format!(
+                    "tracing.otlp_endpoint {}: the OTLP exporter cannot be built: {e}",
+                    settings.endpoint
+                ));
+            }
         };
         let exporter = OnRuntime {
             inner: Arc::new(exporter),
@@ -312,6 +323,23 @@ mod tests {
         assert_eq!(traceparent(&cx).to_str().unwrap(), GOOD);
         assert_eq!(tracestate(&cx).unwrap(), "congo=t61rcWkgMzE");
         assert_eq!(trace_id(&cx), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[tokio::test]
+    async fn an_exporter_that_cannot_be_built_is_an_error_not_a_panic() {
+        // No TLS is built in; the refusal must come back as an error even from an async
+        // context, where dropping the exporter's runtime in place panics.
+        let e = Tracing::start(&Settings {
+            endpoint: "https://127.0.0.1:4317".into(),
+            sample_ratio: 1.0,
+            service_name: "t".into(),
+            max_queue: 16,
+        })
+        .unwrap_err();
+        assert!(
+            e.contains("tracing.otlp_endpoint https://127.0.0.1:4317"),
+            "{e}"
+        );
     }
 
     #[test]
