@@ -216,6 +216,7 @@ impl Backend {
                     .into_future(),
             )
         });
+        let tracing = self.service.tracing.clone();
         let svc = GrpcInferenceServiceServer::new(self.service)
             .max_decoding_message_size(self.max_request_size)
             .max_encoding_message_size(self.max_response_size);
@@ -233,6 +234,10 @@ impl Backend {
             .map_err(std::io::Error::other)?;
         if let Some(task) = metrics_task {
             let _ = task.await;
+        }
+        if let Some(t) = tracing {
+            // The last inferences' spans are still in the batch: exported before exit.
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }
         info!("backend stopped");
         Ok(())

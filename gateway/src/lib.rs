@@ -389,6 +389,16 @@ impl Gateway {
                 return Err(e);
             }
         }
+        if shared.tracing.is_some() {
+            // The last requests' spans are still in the batch: exported before exit.
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(t) = &s.tracing {
+                    t.shutdown();
+                }
+            })
+            .await;
+        }
         info!("gateway stopped");
         Ok(())
     }

@@ -167,7 +167,8 @@ impl Tracing {
         opentelemetry::trace::Span::end_with_timestamp(&mut span, end);
     }
 
-    /// Exports what is queued and stops the exporter (at shutdown).
+    /// Exports what is queued and stops the exporter (at shutdown). It waits for the
+    /// export: call it where blocking is allowed.
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown() {
             eprintln!("tracing: the last spans were not all exported: {e}");
@@ -297,18 +298,6 @@ pub fn tracestate(cx: &SpanContext) -> Option<http::HeaderValue> {
 pub fn trace_id(cx: &SpanContext) -> String {
     cx.trace_id().to_string()
 }
-
-/// Whether `cx` is a real context (not the empty one of a span that is not recorded).
-pub fn is_valid(cx: &SpanContext) -> bool {
-    cx.is_valid()
-}
-
-/// The kinds the two sides use.
-pub const SERVER: SpanKind = SpanKind::Server;
-/// A call to another process.
-pub const CLIENT: SpanKind = SpanKind::Client;
-/// A step inside this process.
-pub const INTERNAL: SpanKind = SpanKind::Internal;
 
 #[cfg(test)]
 mod tests {
