@@ -1,7 +1,7 @@
 //! The `switchyard` binary: parses the command line and hands off to the crates. `up` runs
 //! the bundled backends and the gateway together; `gateway` and `backend` run one each;
 //! `check` and `explain` are the policy linter and dry run; `rollout` drives canary
-//! rollouts through the admin API.
+//! rollouts through the admin API; `batch` scores a data set through a route or a model.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use switchyard_backend::{Backend, BackendConfig, RuntimeKind};
 use tokio::net::TcpListener;
 
+mod batch;
 mod rollout;
 
 #[derive(Debug, Parser)]
@@ -38,6 +39,9 @@ enum Command {
     Explain(ExplainArgs),
     /// Canary rollouts of a running gateway: status, pause, resume, promote, abort, finish.
     Rollout(rollout::RolloutArgs),
+    /// Score a data set (JSONL, CSV, NumPy, Parquet) through a route, a backend or Triton:
+    /// batched, bounded concurrency, retries, a checkpoint to resume from, progress.
+    Batch(Box<batch::BatchArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,6 +165,10 @@ fn main() -> Result<()> {
                 let config = load_config(&args_config(&args))?;
                 rollout::run(args, &config)
             }
+            Command::Batch(args) => match batch::run(*args).await? {
+                0 => Ok(()),
+                code => std::process::exit(code),
+            },
         }
     })
 }
