@@ -652,6 +652,26 @@ fn npy_element(descr: &str, raw: &[u8]) -> Option<Num> {
     }
 }
 
+/// NumPy's little-endian `descr` of an element type (none for the types NumPy lacks).
+pub(crate) fn native(dtype: ElementType) -> &'static str {
+    use ElementType as E;
+    match dtype {
+        E::Bool => "|b1",
+        E::Uint8 => "|u1",
+        E::Uint16 => "<u2",
+        E::Uint32 => "<u4",
+        E::Uint64 => "<u8",
+        E::Int8 => "|i1",
+        E::Int16 => "<i2",
+        E::Int32 => "<i4",
+        E::Int64 => "<i8",
+        E::Fp16 => "<f2",
+        E::Fp32 => "<f4",
+        E::Fp64 => "<f8",
+        E::Bf16 | E::Bytes => "",
+    }
+}
+
 fn npy_width(descr: &str) -> Option<usize> {
     descr.get(2..)?.parse().ok()
 }
@@ -691,6 +711,11 @@ fn npy_column(bytes: &[u8], shown: &str, b: &mut Builder) -> Result<usize> {
             have % per_row,
             have / per_row
         );
+    }
+    if h.descr == native(b.want.dtype) {
+        // The file holds the input's element type, little-endian: the bytes as they are.
+        b.data.extend_from_slice(&data[..need]);
+        return Ok(rows);
     }
     for (i, raw) in data[..need].chunks_exact(width).enumerate() {
         let v = npy_element(&h.descr, raw).unwrap_or(Num::F(f64::NAN));

@@ -5,7 +5,7 @@
 //! run cuts the journal back to that length, so a chunk written after the last checkpoint is
 //! simply sent again: each row ends up in the output exactly once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -96,6 +96,64 @@ pub(crate) struct Checkpoint {
     pub(crate) chunks_total: u64,
 }
 
+/// What the done records add up to, kept as they are appended (or read back on resume) so
+/// that the summary and the output's columns need no pass over the journal.
+#[derive(Debug)]
+pub(crate) struct Counts {
+    pub(crate) chunks: u64,
+    pub(crate) requests: u64,
+    pub(crate) retries: u64,
+    pub(crate) rows_ok: u64,
+    pub(crate) rows_failed: u64,
+    /// Per answering target: (rows, requests).
+    pub(crate) targets: BTreeMap<String, (u64, u64)>,
+    /// Failed rows per final gRPC status code.
+    pub(crate) failures: BTreeMap<i32, u64>,
+    /// Every response header name seen (the strategy columns of the output).
+    pub(crate) headers: BTreeSet<String>,
+    /// Latency of the answered calls, µs.
+    pub(crate) latency: hdrhistogram::Histogram<u64>,
+}
+
+impl Counts {
+    fn new() -> Self {
+        Self {
+            chunks: 0,
+            requests: 0,
+            retries: 0,
+            rows_ok: 0,
+            rows_failed: 0,
+            targets: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            headers: BTreeSet::new(),
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("static histogram bounds"),
+        }
+    }
+
+    fn add(&mut self, rec: &ChunkRecord) {
+        let rows = u64::from(rec.rows);
+        self.chunks += 1;
+        self.requests += u64::from(rec.attempts);
+        self.retries += u64::from(rec.attempts.saturating_sub(1));
+        if rec.code == 0 {
+            self.rows_ok += rows;
+            let t = self.targets.entry(rec.target()).or_default();
+            t.0 += rows;
+            t.1 += 1;
+            let _ = self.latency.record(rec.latency_us.max(1));
+            for h in &rec.headers {
+                if !self.headers.contains(&h.name) {
+                    self.headers.insert(h.name.clone());
+                }
+            }
+        } else {
+            self.rows_failed += rows;
+            *self.failures.entry(rec.code).or_default() += rows;
+        }
+    }
+}
+
 /// The journal of a job being run: records appended, the checkpoint advanced.
 #[derive(Debug)]
 pub(crate) struct Journal {
@@ -107,6 +165,7 @@ pub(crate) struct Journal {
     /// Offset of each done chunk's record.
     pub(crate) done: BTreeMap<u64, u64>,
     pub(crate) rows_done: u64,
+    pub(crate) counts: Counts,
     len: u64,
 }
 
@@ -151,6 +210,7 @@ impl Journal {
             chunks_total,
             done: BTreeMap::new(),
             rows_done: 0,
+            counts: Counts::new(),
             len: 0,
         };
         j.sync()?;
@@ -215,6 +275,7 @@ impl Journal {
         file.seek(SeekFrom::Start(0))?;
         let mut done = BTreeMap::new();
         let mut rows_done = 0;
+        let mut counts = Counts::new();
         let mut at = 0u64;
         {
             let mut r = std::io::BufReader::new(&mut file);
@@ -222,6 +283,7 @@ impl Journal {
                 .map_err(|e| anyhow!("{}: record at byte {at}: {e}", path.display()))?
             {
                 rows_done += u64::from(rec.rows);
+                counts.add(&rec);
                 done.insert(rec.index, at);
                 at += n;
             }
@@ -235,6 +297,7 @@ impl Journal {
             chunks_total,
             done,
             rows_done,
+            counts,
             len: at,
         })
     }
@@ -246,6 +309,7 @@ impl Journal {
         self.file.write_all(&bytes)?;
         self.done.insert(rec.index, self.len);
         self.rows_done += u64::from(rec.rows);
+        self.counts.add(rec);
         self.len += 4 + bytes.len() as u64;
         Ok(())
     }
@@ -270,9 +334,10 @@ impl Journal {
         self.file.flush()?;
         let file = File::open(&self.path)?;
         Ok(Records {
-            file: std::io::BufReader::with_capacity(1 << 20, file),
+            file: std::io::BufReader::with_capacity(1 << 16, file),
             offsets: self.done.values().copied().collect(),
             next: 0,
+            pos: 0,
             path: self.path.clone(),
         })
     }
@@ -292,6 +357,9 @@ pub(crate) struct Records {
     file: std::io::BufReader<File>,
     offsets: Vec<u64>,
     next: usize,
+    /// Where the reader is: records mostly follow each other, and a seek within the
+    /// buffer keeps it.
+    pos: u64,
     path: PathBuf,
 }
 
@@ -302,10 +370,13 @@ impl Iterator for Records {
         let at = *self.offsets.get(self.next)?;
         self.next += 1;
         let mut read = || -> Result<ChunkRecord> {
-            self.file.seek(SeekFrom::Start(at))?;
-            read_record(&mut self.file)?
-                .map(|(r, _)| r)
-                .ok_or_else(|| anyhow!("{}: no record at byte {at}", self.path.display()))
+            if at != self.pos {
+                self.file.seek_relative(at as i64 - self.pos as i64)?;
+            }
+            let (rec, n) = read_record(&mut self.file)?
+                .ok_or_else(|| anyhow!("{}: no record at byte {at}", self.path.display()))?;
+            self.pos = at + n;
+            Ok(rec)
         };
         Some(read())
     }

@@ -406,18 +406,17 @@ pub(crate) async fn run(args: BatchArgs) -> Result<i32> {
         return Ok(STOPPED);
     }
 
-    let meta_headers = output::meta_of(journal.records()?)?;
     let plan = output::Plan {
         path: args.output.clone(),
         format: out_format,
         errors: errors_path.clone(),
         outputs: outputs.to_vec(),
-        meta: meta_headers,
+        meta: journal.counts.headers.iter().cloned().collect(),
     };
     let records = journal.records()?;
     let write = tokio::task::spawn_blocking(move || output::write(&plan, records));
     let written = write.await.context("writing the output")??;
-    let mut summary = survey(journal.records()?, &args, rows, chunk_rows)?;
+    let mut summary = survey(&journal.counts, &args, rows, chunk_rows);
     summary.rows_resumed = rows_resumed;
     summary.wall_s = wall.as_secs_f64();
     summary.rows_per_s = run_rows as f64 / wall.as_secs_f64().max(1e-9);
@@ -443,60 +442,46 @@ pub(crate) async fn run(args: BatchArgs) -> Result<i32> {
 }
 
 /// The job's counts from every record of the journal (earlier runs' included).
-fn survey(
-    records: journal::Records,
-    args: &BatchArgs,
-    rows: u64,
-    chunk_rows: u64,
-) -> Result<Summary> {
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut s = Summary {
+fn survey(counts: &journal::Counts, args: &BatchArgs, rows: u64, chunk_rows: u64) -> Summary {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let h = &counts.latency;
+    Summary {
         status: "ok",
         model: args.model.clone(),
         url: args.url.clone(),
         output: args.output.display().to_string(),
         errors: None,
         rows,
-        rows_ok: 0,
-        rows_failed: 0,
+        rows_ok: counts.rows_ok,
+        rows_failed: counts.rows_failed,
         rows_resumed: 0,
-        chunks: 0,
+        chunks: counts.chunks,
         chunk_rows,
         concurrency: args.concurrency,
-        requests: 0,
-        retries: 0,
-        targets: BTreeMap::new(),
-        failures: BTreeMap::new(),
-        latency_ms: Latency::default(),
+        requests: counts.requests,
+        retries: counts.retries,
+        targets: counts
+            .targets
+            .iter()
+            .map(|(t, &(rows, requests))| (t.clone(), TargetCount { rows, requests }))
+            .collect(),
+        failures: counts
+            .failures
+            .iter()
+            .map(|(&c, &n)| (code_name(c), n))
+            .collect(),
+        latency_ms: if h.is_empty() {
+            Latency::default()
+        } else {
+            Latency {
+                p50: ms(h.value_at_quantile(0.5)),
+                p99: ms(h.value_at_quantile(0.99)),
+                max: ms(h.max()),
+            }
+        },
         wall_s: 0.0,
         rows_per_s: 0.0,
-    };
-    for rec in records {
-        let rec = rec?;
-        s.chunks += 1;
-        s.requests += u64::from(rec.attempts);
-        s.retries += u64::from(rec.attempts.saturating_sub(1));
-        if rec.code == 0 {
-            s.rows_ok += u64::from(rec.rows);
-            let t = s.targets.entry(rec.target()).or_default();
-            t.rows += u64::from(rec.rows);
-            t.requests += 1;
-            let _ = hist.record(rec.latency_us.max(1));
-        } else {
-            s.rows_failed += u64::from(rec.rows);
-            *s.failures.entry(code_name(rec.code)).or_default() += u64::from(rec.rows);
-        }
     }
-    if !hist.is_empty() {
-        let ms = |us: u64| us as f64 / 1000.0;
-        s.latency_ms = Latency {
-            p50: ms(hist.value_at_quantile(0.5)),
-            p99: ms(hist.value_at_quantile(0.99)),
-            max: ms(hist.max()),
-        };
-    }
-    Ok(s)
 }
 
 /// A gRPC status code as the protocol spells it: `NOT_FOUND`.

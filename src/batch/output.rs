@@ -4,7 +4,6 @@
 //! the failed rows in an errors file (JSON Lines) with their status and message. Both are
 //! written to a temporary file and renamed into place.
 
-use std::collections::BTreeSet;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,25 +158,12 @@ pub(crate) struct Written {
     pub(crate) rows_failed: u64,
 }
 
-/// The strategy headers any record carries.
-pub(crate) fn meta_of(records: Records) -> Result<Vec<String>> {
-    let mut seen = BTreeSet::new();
-    for rec in records {
-        for h in rec?.headers {
-            seen.insert(h.name);
-        }
-    }
-    Ok(seen.into_iter().collect())
-}
-
 /// Writes the output and the errors file from the journal's records (in chunk order).
 pub(crate) fn write(plan: &Plan, records: Records) -> Result<Written> {
     let tmp = beside(&plan.path, ".partial");
     let etmp = beside(&plan.errors, ".partial");
-    let mut errors = BufWriter::new(
-        std::fs::File::create(&etmp)
-            .with_context(|| format!("{}: cannot create", etmp.display()))?,
-    );
+    // Created at the first failed row.
+    let mut errors: Option<BufWriter<std::fs::File>> = None;
     let mut written = Written::default();
     let mut sink = Sink::new(plan, &tmp)?;
     for rec in records {
@@ -191,8 +177,15 @@ pub(crate) fn write(plan: &Plan, records: Records) -> Result<Written> {
                     "message": rec.message,
                     "attempts": rec.attempts,
                 });
-                serde_json::to_writer(&mut errors, &line)?;
-                errors.write_all(b"\n")?;
+                let w = match &mut errors {
+                    Some(w) => w,
+                    None => errors
+                        .insert(BufWriter::new(std::fs::File::create(&etmp).with_context(
+                            || format!("{}: cannot create", etmp.display()),
+                        )?)),
+                };
+                serde_json::to_writer(&mut *w, &line)?;
+                w.write_all(b"\n")?;
             }
             written.rows_failed += u64::from(rec.rows);
             continue;
@@ -202,15 +195,15 @@ pub(crate) fn write(plan: &Plan, records: Records) -> Result<Written> {
         written.rows_ok += u64::from(rec.rows);
     }
     sink.finish()?;
-    errors.flush()?;
-    errors.get_ref().sync_all()?;
-    drop(errors);
+    if let Some(mut w) = errors {
+        w.flush()?;
+        w.get_ref().sync_all()?;
+    }
     std::fs::rename(&tmp, &plan.path)
         .with_context(|| format!("{}: cannot rename into place", plan.path.display()))?;
     if written.rows_failed > 0 {
         std::fs::rename(&etmp, &plan.errors)?;
     } else {
-        let _ = std::fs::remove_file(&etmp);
         let _ = std::fs::remove_file(&plan.errors);
     }
     Ok(written)
@@ -379,24 +372,12 @@ impl Sink {
     }
 }
 
-/// NumPy's `descr` for an element type.
+/// NumPy's `descr` for an element type (bfloat16, which NumPy lacks, as its raw bits).
 fn descr(dtype: ElementType) -> &'static str {
-    use ElementType as E;
     match dtype {
-        E::Bool => "|b1",
-        E::Uint8 => "|u1",
-        E::Uint16 => "<u2",
-        E::Uint32 => "<u4",
-        E::Uint64 => "<u8",
-        E::Int8 => "|i1",
-        E::Int16 => "<i2",
-        E::Int32 => "<i4",
-        E::Int64 => "<i8",
-        E::Fp16 => "<f2",
-        E::Bf16 => "<u2",
-        E::Fp32 => "<f4",
-        E::Fp64 => "<f8",
-        E::Bytes => "|O",
+        ElementType::Bf16 => "<u2",
+        ElementType::Bytes => "|O",
+        other => super::data::native(other),
     }
 }
 
