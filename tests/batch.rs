@@ -213,6 +213,7 @@ async fn a_hundred_thousand_rows_through_a_cascade_and_a_split_match_the_referen
         assert_eq!(s["targets"][target]["requests"], *requests);
     }
     assert!(by_target.len() == 2, "both stages answered: {by_target:?}");
+    eprintln!("cascade, 8-row chunks: {by_target:?}");
 
     // The 90/10 split (no x-user-id: each request is drawn), written as Parquet.
     let out = dir.path().join("split.parquet");

@@ -68,3 +68,54 @@ def test_metadata_health_and_errors_through_the_gateway(gateway_to_triton):
     # Triton's own validation, passed through by the gateway.
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "unexpected shape for input 'INPUT__0'" in e.value.message()
+
+
+def batch_job(tmp_path, model, url, *extra):
+    """`switchyard batch` over the held-out rows (a .npy), its JSON summary and output rows."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    x = np.array(holdout_rows(), dtype=np.float32)
+    np.save(tmp_path / "rows.npy", x)
+    out = tmp_path / "out.jsonl"
+    binary = os.environ.get("SWITCHYARD_BIN", str(ROOT / "target/debug/switchyard"))
+    run = subprocess.run(
+        [binary, "batch", "-i", str(tmp_path / "rows.npy"), "-o", str(out), "-m", model, "-u", url, "--json", *extra],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return json.loads(run.stdout), rows
+
+
+def holdout_rows():
+    import json
+
+    from conftest import ROOT
+
+    with open(ROOT / "backends/sample_data/digits_holdout.json") as f:
+        return json.load(f)["features"]
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_switchyard_batch_straight_to_triton(triton, holdout, tmp_path, version):
+    """`switchyard batch` with a model name scores against Triton itself: its config gives
+    the batch size, its answers name the model and version."""
+    summary, rows = batch_job(tmp_path, "digits_mlp", triton.addrs["grpc"], "--model-version", version)
+    n = len(holdout["features"])
+    assert summary["rows_ok"] == n and summary["rows_failed"] == 0
+    assert summary["chunk_rows"] == 64
+    assert summary["targets"] == {f"digits_mlp/{version}": {"rows": n, "requests": -(-n // 64)}}
+    reference = np.array(holdout["models"][f"digits_mlp/{version}"]["probabilities"])
+    assert [r["row"] for r in rows] == list(range(n))
+    np.testing.assert_allclose(np.array([r["probabilities"] for r in rows]), reference, atol=1e-5)
+
+
+def test_switchyard_batch_through_the_gateway_to_triton(gateway_to_triton, holdout, tmp_path):
+    summary, rows = batch_job(tmp_path, "digits-on-triton", gateway_to_triton.addrs["grpc"], "-H", "x-canary:1")
+    assert summary["rows_ok"] == len(holdout["features"])
+    assert all(r["target"] == "digits_mlp/2" and r["policy"] for r in rows)
+    reference = np.array(holdout["models"]["digits_mlp/2"]["probabilities"])
+    np.testing.assert_allclose(np.array([r["probabilities"] for r in rows]), reference, atol=1e-5)
