@@ -55,7 +55,26 @@ struct Run {
     summary: serde_json::Value,
 }
 
-fn batch_command(args: &[&str]) -> tokio::process::Command {
+/// The arguments of a job: `input` through `model` at `url` into `out`, then `extra`.
+fn job(input: &Path, out: &Path, model: &str, url: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-m",
+        model,
+        "-u",
+        url,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+fn batch_command(args: &[String]) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     c.arg("batch")
         .args(args)
@@ -66,7 +85,7 @@ fn batch_command(args: &[&str]) -> tokio::process::Command {
     c
 }
 
-async fn batch(args: &[&str]) -> Run {
+async fn batch(args: &[String]) -> Run {
     let out = batch_command(args).output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     Run {
@@ -137,21 +156,13 @@ async fn a_hundred_thousand_rows_through_a_cascade_and_a_split_match_the_referen
     // max_batch_size (64) nearly every chunk would escalate; 8 rows per request keep both
     // stages busy.
     let out = dir.path().join("cascade.jsonl");
-    let run = batch(&[
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
+    let run = batch(&job(
+        &input,
+        &out,
         "digits-cascade",
-        "-u",
         &url,
-        "--json",
-        "-c",
-        "8",
-        "--batch-size",
-        "8",
-    ])
+        &["--json", "-c", "8", "--batch-size", "8"],
+    ))
     .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let s = &run.summary;
@@ -217,18 +228,7 @@ async fn a_hundred_thousand_rows_through_a_cascade_and_a_split_match_the_referen
 
     // The 90/10 split (no x-user-id: each request is drawn), written as Parquet.
     let out = dir.path().join("split.parquet");
-    let run = batch(&[
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
-        "digits",
-        "-u",
-        &url,
-        "--json",
-    ])
-    .await;
+    let run = batch(&job(&input, &out, "digits", &url, &["--json"])).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let got = read_parquet(&out);
     assert_every_row_once(&got, n);
@@ -343,28 +343,17 @@ async fn killed_or_interrupted_halfway_then_resumed_equals_an_uninterrupted_run(
     let input = dir.path().join("rows.npy");
     write_npy(&input, &rows(n));
     let url = backend.addr.to_string();
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "-i",
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "-m",
+    let args = |out: &Path| {
+        job(
+            &input,
+            out,
             "digits_mlp",
-            "-u",
             &url,
-            "--batch-size",
-            "8",
-            "-c",
-            "2",
-            "--json",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
+            &["--batch-size", "4", "-c", "2", "--json"],
+        )
     };
     let whole = dir.path().join("whole.jsonl");
-    let run = batch(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let run = batch(&args(&whole)).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let reference = read_jsonl(&whole);
     assert_every_row_once(&reference, n);
@@ -373,9 +362,7 @@ async fn killed_or_interrupted_halfway_then_resumed_equals_an_uninterrupted_run(
         let out = dir.path().join(format!("{name}.jsonl"));
         let checkpoint = PathBuf::from(format!("{}.checkpoint.json", out.display()));
         let a = args(&out);
-        let mut child = batch_command(&a.iter().map(String::as_str).collect::<Vec<_>>())
-            .spawn()
-            .unwrap();
+        let mut child = batch_command(&a).spawn().unwrap();
         until_done(&checkpoint, n as u64 / 2, &mut child).await;
         send_signal(child.id().unwrap(), signal);
         let status = child.wait().await.unwrap();
@@ -407,13 +394,13 @@ async fn killed_or_interrupted_halfway_then_resumed_equals_an_uninterrupted_run(
         );
 
         // Without --resume the unfinished job is not clobbered.
-        let refused = batch(&a.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let refused = batch(&a).await;
         assert_eq!(refused.code, 1);
         assert!(refused.stderr.contains("--resume"), "{}", refused.stderr);
 
         let mut resume = a.clone();
         resume.push("--resume".into());
-        let run = batch(&resume.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let run = batch(&resume).await;
         assert_eq!(run.code, 0, "{name}: {}", run.stderr);
         let resumed = run.summary["rows_resumed"].as_u64().unwrap();
         assert!(
@@ -459,27 +446,25 @@ async fn a_backend_killed_and_restarted_mid_run_loses_no_row() {
     let out = dir.path().join("out.jsonl");
     let checkpoint = PathBuf::from(format!("{}.checkpoint.json", out.display()));
     let url = addr.to_string();
-    let mut child = batch_command(&[
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
+    let mut child = batch_command(&job(
+        &input,
+        &out,
         "digits_mlp",
-        "-u",
         &url,
-        "--batch-size",
-        "8",
-        "-c",
-        "4",
-        "--json",
-        "--backoff",
-        "50ms",
-        "--max-backoff",
-        "500ms",
-        "--attempts",
-        "40",
-    ])
+        &[
+            "--batch-size",
+            "8",
+            "-c",
+            "4",
+            "--json",
+            "--backoff",
+            "50ms",
+            "--max-backoff",
+            "500ms",
+            "--attempts",
+            "40",
+        ],
+    ))
     .spawn()
     .unwrap();
     until_done(&checkpoint, n as u64 / 4, &mut child).await;
@@ -530,22 +515,16 @@ async fn client_errors_are_not_retried_and_land_in_the_errors_file() {
     write_npy(&input, &rows(100));
     let out = dir.path().join("out.jsonl");
     let url = gw.grpc.to_string();
-    let common = [
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
+    let common = job(
+        &input,
+        &out,
         "mixed",
-        "-u",
         &url,
-        "--json",
-        "--batch-size",
-        "10",
-    ];
+        &["--json", "--batch-size", "10"],
+    );
 
     let mut args = common.to_vec();
-    args.extend(["-H", "x-bad:1"]);
+    args.extend(["-H".to_owned(), "x-bad:1".to_owned()]);
     let run = batch(&args).await;
     assert_eq!(run.code, 3, "some rows failed: {}", run.stderr);
     let s = &run.summary;
@@ -584,17 +563,7 @@ async fn client_errors_are_not_retried_and_land_in_the_errors_file() {
     assert_eq!(read_jsonl(&out).len(), 100);
 
     // A model the server does not have: refused before anything is sent.
-    let run = batch(&[
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
-        "nothing",
-        "-u",
-        &url,
-    ])
-    .await;
+    let run = batch(&job(&input, &out, "nothing", &url, &[])).await;
     assert_eq!(run.code, 1);
     assert!(
         run.stderr.contains("cannot read the config of `nothing`"),
@@ -659,20 +628,14 @@ async fn every_input_and_output_format_gives_the_same_rows() {
     for (file, extra) in inputs {
         for output in ["jsonl", "csv", "npz", "parquet"] {
             let out = d.join(format!("{file}.out.{output}"));
-            let mut args = vec![
-                "-i",
-                d.join(file).to_str().unwrap().to_owned().leak() as &str,
-                "-o",
-                out.to_str().unwrap().to_owned().leak(),
-                "-m",
+            let mut args = job(
+                &d.join(file),
+                &out,
                 "digits_mlp",
-                "-u",
                 &url,
-                "--json",
-                "--batch-size",
-                "50",
-            ];
-            args.extend_from_slice(extra);
+                &["--json", "--batch-size", "50"],
+            );
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
             let run = batch(&args).await;
             assert_eq!(run.code, 0, "{file} → {output}: {}", run.stderr);
             let got = match output {
@@ -834,17 +797,7 @@ async fn malformed_inputs_name_the_file_row_and_column_and_nothing_is_done() {
     ];
     for (file, expect) in cases {
         let out = d.join(format!("{file}.jsonl"));
-        let run = batch(&[
-            "-i",
-            d.join(file).to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "-m",
-            "digits_mlp",
-            "-u",
-            &url,
-        ])
-        .await;
+        let run = batch(&job(&d.join(file), &out, "digits_mlp", &url, &[])).await;
         assert_eq!(run.code, 1, "{file}: {}", run.stderr);
         assert!(
             run.stderr.contains(file),
