@@ -15,6 +15,7 @@ mod output;
 mod send;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -582,6 +583,8 @@ struct Progress {
 #[derive(Default)]
 struct Tally {
     done: u64,
+    /// Rows done by this run.
+    run: u64,
     total: u64,
     failed: u64,
     retries: u64,
@@ -598,7 +601,7 @@ impl Progress {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{wide_bar:.cyan/blue}] {human_pos}/{human_len} rows {per_sec} ETA {eta} {msg}",
+                    "{elapsed_precise} [{wide_bar:.cyan/blue}] {human_pos}/{human_len} rows ETA {eta} {msg}",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
@@ -622,35 +625,44 @@ impl Progress {
     fn chunk(&mut self, rec: &ChunkRecord) {
         let t = &mut self.state;
         t.done += u64::from(rec.rows);
+        t.run += u64::from(rec.rows);
         t.retries += u64::from(rec.attempts.saturating_sub(1));
         if rec.code == 0 {
             *t.targets.entry(rec.target()).or_default() += u64::from(rec.rows);
         } else {
             t.failed += u64::from(rec.rows);
         }
+        let line_due = self.lines
+            && t.last_line
+                .is_none_or(|l| l.elapsed() >= Duration::from_secs(5));
+        let bar_due = self.bar.is_some()
+            && t.last_line
+                .is_none_or(|l| l.elapsed() >= Duration::from_millis(100));
+        if !(line_due || bar_due) {
+            return;
+        }
+        t.last_line = Some(Instant::now());
+        let rate = t
+            .started
+            .map_or(0.0, |s| t.run as f64 / s.elapsed().as_secs_f64().max(1e-9));
         let ok: u64 = t.targets.values().sum();
-        let mut msg = format!("failed {} retries {}", t.failed, t.retries);
+        let mut msg = format!(
+            "{rate:.0} rows/s · failed {} · retries {}",
+            t.failed, t.retries
+        );
         for (target, n) in &t.targets {
-            msg.push_str(&format!(
+            let _ = write!(
+                msg,
                 " · {target} {:.0}%",
                 *n as f64 * 100.0 / ok.max(1) as f64
-            ));
-        }
-        if let Some(bar) = &self.bar {
-            bar.set_position(t.done);
-            bar.set_message(msg);
-        } else if self.lines
-            && t.last_line
-                .is_none_or(|l| l.elapsed() >= Duration::from_secs(5))
-        {
-            let rate = t
-                .started
-                .map_or(0.0, |s| t.done as f64 / s.elapsed().as_secs_f64().max(1e-9));
-            eprintln!(
-                "progress: {}/{} rows ({rate:.0} rows/s) {msg}",
-                t.done, t.total
             );
-            t.last_line = Some(Instant::now());
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(t.done);
+                bar.set_message(msg);
+            }
+            None => eprintln!("progress: {}/{} rows, {msg}", t.done, t.total),
         }
     }
 
