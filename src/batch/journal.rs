@@ -185,21 +185,13 @@ fn read_record(r: &mut impl Read) -> Result<Option<(ChunkRecord, u64)>> {
 }
 
 impl Journal {
-    /// Starts a job; refuses to clobber an unfinished one unless `overwrite`.
+    /// Starts a job (whether an unfinished one may be replaced is the caller's check).
     pub(crate) fn create(
         path: PathBuf,
         checkpoint: PathBuf,
         job: Job,
         chunks_total: u64,
-        overwrite: bool,
     ) -> Result<Self> {
-        if checkpoint.exists() && !overwrite {
-            bail!(
-                "{} exists: an earlier run of this job did not finish. Pass --resume to continue \
-                 it, or --overwrite to start again",
-                checkpoint.display()
-            );
-        }
         let file =
             File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut j = Self {
@@ -342,6 +334,11 @@ impl Journal {
         })
     }
 
+    /// Where the checkpoint is.
+    pub(crate) fn checkpoint(&self) -> &Path {
+        &self.checkpoint
+    }
+
     /// Removes the journal and the checkpoint once the output is in place.
     pub(crate) fn remove(self) -> Result<()> {
         drop(self.file);
@@ -417,7 +414,7 @@ mod tests {
     fn a_torn_tail_is_cut_at_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (jp, cp) = (dir.path().join("j"), dir.path().join("c"));
-        let mut j = Journal::create(jp.clone(), cp.clone(), job(), 2, false).unwrap();
+        let mut j = Journal::create(jp.clone(), cp.clone(), job(), 2).unwrap();
         let rec = |index| ChunkRecord {
             index,
             first_row: index * 5,

@@ -315,7 +315,7 @@ pub(crate) async fn run(args: BatchArgs) -> Result<i32> {
     let mut journal = if args.resume {
         Journal::resume(journal_path, checkpoint_path, job, chunks_total)?
     } else {
-        Journal::create(journal_path, checkpoint_path, job, chunks_total, true)?
+        Journal::create(journal_path, checkpoint_path, job, chunks_total)?
     };
     let rows_resumed = journal.rows_done;
     let todo: Vec<u64> = (0..chunks_total)
@@ -417,10 +417,7 @@ pub(crate) async fn run(args: BatchArgs) -> Result<i32> {
         eprintln!(
             "stopped: {} of {rows} rows done ({left} left); the checkpoint is {}. Run the same command with --resume to finish",
             journal.rows_done,
-            args.checkpoint
-                .clone()
-                .unwrap_or_else(|| data::beside(&args.output, ".checkpoint.json"))
-                .display()
+            journal.checkpoint().display()
         );
         return Ok(STOPPED);
     }
@@ -580,7 +577,6 @@ struct Progress {
     state: Tally,
 }
 
-#[derive(Default)]
 struct Tally {
     done: u64,
     /// Rows done by this run.
@@ -590,7 +586,7 @@ struct Tally {
     retries: u64,
     targets: BTreeMap<String, u64>,
     last_line: Option<Instant>,
-    started: Option<Instant>,
+    started: Instant,
 }
 
 impl Progress {
@@ -615,9 +611,13 @@ impl Progress {
             lines: !quiet && !terminal,
             state: Tally {
                 done,
+                run: 0,
                 total,
-                started: Some(Instant::now()),
-                ..Tally::default()
+                failed: 0,
+                retries: 0,
+                targets: BTreeMap::new(),
+                last_line: None,
+                started: Instant::now(),
             },
         }
     }
@@ -642,9 +642,7 @@ impl Progress {
             return;
         }
         t.last_line = Some(Instant::now());
-        let rate = t
-            .started
-            .map_or(0.0, |s| t.run as f64 / s.elapsed().as_secs_f64().max(1e-9));
+        let rate = t.run as f64 / t.started.elapsed().as_secs_f64().max(1e-9);
         let ok: u64 = t.targets.values().sum();
         let mut msg = format!(
             "{rate:.0} rows/s · failed {} · retries {}",
