@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::gateway::TestGateway;
-use common::{BackendProcess, holdout, metric, sample_repo};
+use common::{BackendProcess, holdout, margin, metric, sample_repo};
 
 /// The held-out rows repeated to `n`.
 fn rows(n: usize) -> Vec<Vec<f32>> {
@@ -127,13 +127,6 @@ fn assert_every_row_once(got: &[(u64, String, Vec<f32>)], n: usize) {
     for (i, (row, _, _)) in got.iter().enumerate() {
         assert_eq!(*row, i as u64, "row ids in order, each once");
     }
-}
-
-/// The top-1 minus top-2 margin.
-fn margin(p: &[f32]) -> f32 {
-    let mut s = p.to_vec();
-    s.sort_by(|a, b| b.total_cmp(a));
-    s[0] - s[1]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

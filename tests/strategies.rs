@@ -69,12 +69,6 @@ async fn inference_count(backend: &TestBackend, model: &str, version: &str) -> u
     stats.model_stats.iter().map(|s| s.inference_count).sum()
 }
 
-fn margin(row: &[f32]) -> f32 {
-    let mut sorted = row.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    sorted[0] - sorted[1]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cascade_matches_the_offline_computation_over_the_held_out_split() {
     let (stable, canary) = pools().await;

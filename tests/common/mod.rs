@@ -249,6 +249,13 @@ pub fn holdout() -> Holdout {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A row's top-1 minus top-2 probability: what a cascade's `margin` test compares.
+pub fn margin(row: &[f32]) -> f32 {
+    let mut sorted = row.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted[0] - sorted[1]
+}
+
 /// An FP32 `INPUT__0` request with `rows` as raw little-endian bytes.
 pub fn infer_request(model: &str, version: &str, rows: &[Vec<f32>]) -> ModelInferRequest {
     let mut raw = Vec::with_capacity(rows.len() * 64 * 4);
